@@ -1,0 +1,558 @@
+"""Shared pieces of the TB chest X-ray scripts (trainer and GradCAM).
+
+One flat module: configuration, data discovery and splits, image loading and
+transforms, the ResNet50 builder, checkpoint I/O, metrics and MLflow set-up.
+Nothing here runs at import time; MLflow is imported lazily so the training
+core works on machines that lack it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+from torchvision import models, transforms
+
+CLASS_NAMES = ("Normal", "Tuberculosis")
+POSITIVE_CLASS = 1  # Tuberculosis: sensitivity is recall on this class
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+MANIFEST_NAME = "split_manifest.json"
+SUMMARY_NAME = "summary.json"
+LAST_CHECKPOINT_NAME = "last.pth"
+CHECKPOINT_FORMAT = 1
+DEMO_DATA_DIR = "demo_data"
+
+EXPECTED_LAYOUT = """Expected one of these layouts (class folder names match case-insensitively):
+  organized:  DIR/train/Normal/*.png  DIR/train/Tuberculosis/*.png
+              DIR/test/Normal/*.png   DIR/test/Tuberculosis/*.png
+  raw Kaggle: DIR/Normal/*.png        DIR/Tuberculosis/*.png
+              (or one folder deeper, e.g. DIR/TB_Chest_Radiography_Database/Normal)
+No data at hand? Run with --demo to generate a small synthetic data set."""
+
+
+# --------------------------------------------------------------------------- profiles
+@dataclass(frozen=True)
+class Profile:
+    """What differs between full training and the seed's transfer-learning baseline."""
+
+    title: str
+    experiment: str
+    port: int
+    checkpoint_dir: str
+    model_stem: str
+    gradcam_label: str
+    gradcam_dir: str
+
+
+FULL_TRAINING = Profile(
+    title="FULL NETWORK TRAINING",
+    experiment="ResNet50_TB_FullTraining",
+    port=5003,
+    checkpoint_dir="checkpoints/resnet50_tb_full",
+    model_stem="resnet50_tb_full_trained",
+    gradcam_label="full_training",
+    gradcam_dir="gradcam_results/resnet50_tb_full",
+)
+TRANSFER_LEARNING = Profile(
+    title="TRANSFER LEARNING (final layer only)",
+    experiment="ResNet50_TB_FineTuning",
+    port=5001,
+    checkpoint_dir="checkpoints/resnet50_tb",
+    model_stem="resnet50_tb_finetuned",
+    gradcam_label="transfer_learning",
+    gradcam_dir="gradcam_results/resnet50_tb",
+)
+
+
+def profile_for(freeze_features: bool) -> Profile:
+    return TRANSFER_LEARNING if freeze_features else FULL_TRAINING
+
+
+def best_checkpoint_path(checkpoint_dir: str | Path, freeze_features: bool) -> Path:
+    return Path(checkpoint_dir) / f"best_{profile_for(freeze_features).model_stem}.pth"
+
+
+# --------------------------------------------------------------------------- config -> argparse
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
+    """Add one kebab-case flag per dataclass field.
+
+    Defaults are argparse.SUPPRESS so the namespace holds only what the user typed:
+    that lets profile defaults (--freeze-features, --demo) and a resumed checkpoint's
+    config sit underneath explicit flags.
+    """
+    for f in dataclasses.fields(config_cls):
+        meta = dict(f.metadata)
+        help_text = f"{meta.pop('help')} (default: {f.default!r})"
+        kwargs = dict(default=argparse.SUPPRESS, help=help_text, **meta)
+        if f.type in ("bool", bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif "type" not in kwargs:
+            kwargs["type"] = {"int": int, "float": float, "str": str}.get(f.type, str)
+        parser.add_argument(_flag(f.name), **kwargs)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def open_fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0.0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def image_size(text: str) -> int:
+    value = int(text)
+    if value < 32:
+        raise argparse.ArgumentTypeError(f"must be at least 32 pixels (ResNet50 downsamples 32x), got {text}")
+    return value
+
+
+# --------------------------------------------------------------------------- runtime helpers
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda was asked for but CUDA is not available; use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("error: --device mps was asked for but MPS is not available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
+    """The dtype AMP runs in, or None when AMP is off. Default: on for CUDA only."""
+    if amp is None:
+        amp = device.type == "cuda"
+    if not amp:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16  # needs a GradScaler
+    return torch.bfloat16
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- data discovery
+@dataclass
+class DataSplit:
+    """Image paths and labels of one data set; `test` is None for the raw layout."""
+
+    root: Path
+    layout: str  # "organized" or "raw"
+    train: list[tuple[str, int]]
+    test: list[tuple[str, int]] | None
+
+
+class DataLayoutError(SystemExit):
+    """Raised for a missing or malformed data folder; exits with a readable message."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"error: {problem}\n{EXPECTED_LAYOUT}")
+
+
+def _child_dirs_by_lower_name(folder: Path) -> dict[str, Path]:
+    return {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_dir()}
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files in a folder, sorted; skips hidden files (.DS_Store), Thumbs.db, spreadsheets."""
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def find_class_dirs(folder: Path) -> dict[int, Path] | None:
+    """Map label -> class folder when `folder` holds every class folder, else None."""
+    children = _child_dirs_by_lower_name(folder)
+    found = {label: children.get(name.lower()) for label, name in enumerate(CLASS_NAMES)}
+    return found if all(found.values()) else None
+
+
+def labelled_images(class_dirs: dict[int, Path]) -> list[tuple[str, int]]:
+    samples = []
+    for label, folder in sorted(class_dirs.items()):
+        images = list_images(folder)
+        if not images:
+            raise DataLayoutError(f"class folder {folder} holds no images")
+        samples += [(str(p), label) for p in images]
+    return samples
+
+
+def discover_dataset(data_dir: str | Path) -> DataSplit:
+    """Find the organized (train/test) or the raw Kaggle (class folders only) layout."""
+    root = Path(data_dir).expanduser()
+    if not str(data_dir) or not root.is_dir():
+        raise DataLayoutError(f"data folder '{data_dir}' does not exist (set --data-dir or TB_DATA_DIR)")
+    children = _child_dirs_by_lower_name(root)
+    if "train" in children:
+        train_dirs = find_class_dirs(children["train"])
+        test_dirs = find_class_dirs(children["test"]) if "test" in children else None
+        if train_dirs is None or test_dirs is None:
+            raise DataLayoutError(f"{root} has a train folder but not train/ and test/ each with Normal and Tuberculosis")
+        return DataSplit(root, "organized", labelled_images(train_dirs), labelled_images(test_dirs))
+    class_dirs = find_class_dirs(root)
+    if class_dirs is None:  # the Kaggle zip unpacks to one extra folder level
+        nested = [d for d in children.values() if find_class_dirs(d)]
+        if len(nested) == 1:
+            class_dirs = find_class_dirs(nested[0])
+    if class_dirs is None:
+        raise DataLayoutError(f"no Normal and Tuberculosis folders found in {root}")
+    return DataSplit(root, "raw", labelled_images(class_dirs), None)
+
+
+def stratified_split(samples: list[tuple[str, int]], fraction: float, seed: int):
+    """Seeded stratified split; the held-out side gets at least one image per class."""
+    from sklearn.model_selection import train_test_split
+
+    labels = [label for _, label in samples]
+    held_out = max(len(CLASS_NAMES), round(fraction * len(samples)))
+    kept, taken = train_test_split(samples, test_size=held_out, stratify=labels, random_state=seed)
+    return sorted(kept), sorted(taken)
+
+
+def make_split_manifest(data: DataSplit, val_fraction: float, test_fraction: float, seed: int) -> dict:
+    """Train/val/test lists (paths relative to the data root) that every later step reuses."""
+    train, test = data.train, data.test
+    if test is None:
+        train, test = stratified_split(train, test_fraction, seed)
+    train, val = stratified_split(train, val_fraction, seed)
+
+    def rel(samples):
+        return [[os.path.relpath(path, data.root), label] for path, label in samples]
+
+    return {
+        "data_dir": str(data.root.resolve()),
+        "layout": data.layout,
+        "seed": seed,
+        "class_names": list(CLASS_NAMES),
+        "train": rel(train),
+        "val": rel(val),
+        "test": rel(test),
+    }
+
+
+def manifest_samples(manifest: dict, side: str, data_dir: str | Path | None = None) -> list[tuple[str, int]]:
+    root = Path(data_dir or manifest["data_dir"])
+    return [(str(root / rel), int(label)) for rel, label in manifest[side]]
+
+
+def write_json(obj, path: Path) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+# --------------------------------------------------------------------------- images and transforms
+def load_xray(path: str | Path) -> Image.Image:
+    """Decode an X-ray as 8-bit greyscale, whatever its stored mode.
+
+    Every image goes through greyscale first: the Kaggle set stores Normal cases as RGB
+    and TB cases as greyscale, so the raw mode alone would give the label away.
+    """
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        return img.convert("L")
+
+
+def train_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> transforms.Compose:
+    """The seed's enhanced augmentation (saturation jitter dropped: a no-op on greyscale)."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=(0.8, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomRotation(degrees=15),
+        transforms.ColorJitter(brightness=0.2, contrast=0.2),
+        transforms.Grayscale(num_output_channels=3),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> transforms.Compose:
+    return transforms.Compose([
+        transforms.Resize((size, size)),
+        transforms.Grayscale(num_output_channels=3),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+class XrayDataset(torch.utils.data.Dataset):
+    """(path, label) pairs decoded through load_xray and a transform."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform):
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        return self.transform(load_xray(path)), label
+
+
+# --------------------------------------------------------------------------- model
+IMAGENET_WEIGHTS = models.ResNet50_Weights.IMAGENET1K_V2
+
+
+class WeightsUnavailableError(SystemExit):
+    def __init__(self, problem: str):
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
+        super().__init__(
+            f"error: ImageNet weights are not available ({problem}).\n"
+            f"  - place the file at {cache} (download {IMAGENET_WEIGHTS.url} on a machine with internet), or\n"
+            f"  - pass --weights PATH to a ResNet50 state dict or checkpoint, or\n"
+            f"  - pass --weights none to train from scratch (random initialisation)."
+        )
+
+
+def load_backbone_state(weights: str) -> dict | None:
+    """The ResNet50 state dict to start from: ImageNet, a local file, or None (random)."""
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        try:  # torchvision reads the torch hub cache first and downloads only when it is missing
+            return IMAGENET_WEIGHTS.get_state_dict(progress=True)
+        except (OSError, urllib.error.URLError, RuntimeError) as exc:
+            raise WeightsUnavailableError(str(exc)) from exc
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsUnavailableError(f"--weights file {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("model", state)
+
+
+def build_model(weights: str = "none", freeze_features: bool = False, num_classes: int = len(CLASS_NAMES)) -> nn.Module:
+    """torchvision ResNet50 with a `num_classes` head; every layer trainable unless frozen."""
+    model = models.resnet50(weights=None)
+    state = load_backbone_state(weights)
+    if state is not None:
+        backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = model.load_state_dict(backbone, strict=False)
+        if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
+            raise WeightsUnavailableError(f"{weights} is not a ResNet50 state dict")
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    for name, param in model.named_parameters():
+        param.requires_grad = not (freeze_features and not name.startswith("fc."))
+    return model
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_optimizer(model: nn.Module, lr: float, backbone_lr_mult: float) -> torch.optim.Adam:
+    """Adam with named groups: the backbone at lr * backbone_lr_mult, the classifier at lr."""
+    classifier = [p for n, p in model.named_parameters() if n.startswith("fc.") and p.requires_grad]
+    backbone = [p for n, p in model.named_parameters() if not n.startswith("fc.") and p.requires_grad]
+    groups = [{"params": classifier, "lr": lr, "name": "classifier"}]
+    if backbone:
+        groups.insert(0, {"params": backbone, "lr": lr * backbone_lr_mult, "name": "backbone"})
+    return torch.optim.Adam(groups)
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    return {group["name"]: group["lr"] for group in optimizer.param_groups}
+
+
+# --------------------------------------------------------------------------- checkpoints
+def atomic_write(path: Path, write) -> None:
+    """Write via a temp file, fsync and rename, so a crash never leaves a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(checkpoint: dict, path: Path) -> None:
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+class CheckpointError(SystemExit):
+    def __init__(self, path, problem: str):
+        super().__init__(
+            f"error: cannot use checkpoint {path}: {problem}.\n"
+            "Train one first, e.g.: python resnet50_tb_full.py --data-dir DIR  (or --demo)"
+        )
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint safely (weights_only=True: tensors and plain containers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "file not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise CheckpointError(path, f"not a safe, readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT or "model" not in checkpoint:
+        raise CheckpointError(path, "not a checkpoint written by resnet50_tb_full.py")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict) -> nn.Module:
+    model = build_model("none", num_classes=len(checkpoint["class_names"]))
+    model.load_state_dict(checkpoint["model"])
+    return model
+
+
+# --------------------------------------------------------------------------- metrics
+def classification_metrics(labels, probs, threshold: float = 0.5) -> dict[str, float]:
+    """Accuracy, F1, sensitivity (TB recall), specificity (Normal recall) and ROC AUC."""
+    from imblearn.metrics import specificity_score
+    from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_score
+
+    labels = np.asarray(labels)
+    preds = (np.asarray(probs) >= threshold).astype(int)
+    both_classes = len(np.unique(labels)) == 2
+    return {
+        "accuracy": float(accuracy_score(labels, preds)),
+        "f1": float(f1_score(labels, preds, zero_division=0)),
+        "sensitivity": float(recall_score(labels, preds, zero_division=0)),
+        "specificity": float(specificity_score(labels, preds, pos_label=POSITIVE_CLASS)),
+        "auc": float(roc_auc_score(labels, probs)) if both_classes else float("nan"),
+    }
+
+
+def format_results(prefix: str, metrics: dict[str, float]) -> str:
+    return (f"{prefix} Results - Accuracy: {metrics['accuracy']:.4f}, F1: {metrics['f1']:.4f}, "
+            f"Sensitivity: {metrics['sensitivity']:.4f}, Specificity: {metrics['specificity']:.4f}, "
+            f"AUC: {metrics['auc']:.4f}")
+
+
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, loader, device: torch.device, amp_dtype=None):
+    """Labels, TB probabilities and mean cross-entropy over a loader."""
+    model.eval()
+    labels, probs, loss_sum = [], [], torch.zeros((), device=device)
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum")
+        probs.append(logits.softmax(dim=1)[:, POSITIVE_CLASS])
+        labels.append(targets)
+    labels = torch.cat(labels).cpu().numpy()
+    return labels, torch.cat(probs).cpu().numpy(), float(loss_sum) / max(1, len(labels))
+
+
+# --------------------------------------------------------------------------- MLflow
+def server_answers(uri: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def resolve_tracking_uri(explicit: str, port: int) -> tuple[str, str]:
+    """Pick the MLflow store: an explicit URI, the local server on `port`, else sqlite."""
+    explicit = explicit or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if explicit:
+        if explicit.startswith(("http://", "https://")) and not server_answers(explicit, timeout=5.0):
+            raise SystemExit(
+                f"error: the MLflow tracking server {explicit} does not answer.\n"
+                f"Start it with: mlflow server --host 127.0.0.1 --port {port}  (or drop --tracking-uri)"
+            )
+        return explicit, "given"
+    local = f"http://127.0.0.1:{port}"
+    if server_answers(local):
+        return local, f"MLflow server on port {port}"
+    return "sqlite:///mlflow.db", (
+        f"no MLflow server on port {port}; logging to sqlite:///mlflow.db in this folder. "
+        f"Browse it with: mlflow ui --host 127.0.0.1 --port {port}"
+    )
+
+
+# --------------------------------------------------------------------------- synthetic demo data
+def synthetic_xray(rng: np.random.Generator, size: int, tuberculosis: bool) -> np.ndarray:
+    """A crude, clearly synthetic chest radiograph: body, two lungs, ribs, noise;
+    TB cases add bright opacities in the upper lobes. uint8, size x size."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = 0.15 + 0.45 * (((xx - 0.5) / 0.42) ** 2 + ((yy - 0.55) / 0.55) ** 2 < 1)
+    lung_centres = [(0.32 + rng.normal(0, 0.01), 0.5), (0.68 + rng.normal(0, 0.01), 0.5)]
+    lungs = np.zeros_like(img, dtype=bool)
+    for cx, cy in lung_centres:
+        lungs |= ((xx - cx) / 0.14) ** 2 + ((yy - cy) / 0.3) ** 2 < 1
+    img = np.where(lungs, 0.22, img)
+    for rib_y in np.linspace(0.25, 0.75, 7) + rng.normal(0, 0.01):
+        rib = np.abs(yy - rib_y - 0.05 * np.cos(np.pi * (xx - 0.5) * 2.2)) < 0.012
+        img = img + 0.12 * (rib & lungs)
+    if tuberculosis:
+        for _ in range(rng.integers(1, 4)):
+            cx, cy = lung_centres[rng.integers(0, 2)]
+            bx, by = cx + rng.uniform(-0.08, 0.08), cy - rng.uniform(0.1, 0.25)
+            sigma = rng.uniform(0.025, 0.05)
+            img = img + rng.uniform(0.25, 0.4) * np.exp(-((xx - bx) ** 2 + (yy - by) ** 2) / (2 * sigma ** 2))
+    img = img + rng.normal(0, 0.03, img.shape)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def make_demo_dataset(root: str | Path, train_per_class: int = 100, test_per_class: int = 25,
+                      size: int = 128, seed: int = 0) -> Path:
+    """Write the synthetic demo set in the organized layout, once (kept if complete)."""
+    root = Path(root)
+    marker = root / "SYNTHETIC_DATA.txt"
+    if marker.is_file():
+        return root
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for label, name in enumerate(CLASS_NAMES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = synthetic_xray(rng, size, tuberculosis=label == POSITIVE_CLASS)
+                Image.fromarray(pixels, mode="L").save(folder / f"synthetic_{name.lower()}_{i:03d}.png")
+    marker.write_text("SYNTHETIC images generated by tb_common.make_demo_dataset for --demo runs. "
+                      "Not real radiographs; never use them to judge a model.\n")
+    return root

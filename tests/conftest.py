@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny generated X-ray folders, the real shared data when present,
+and a real `mlflow server` on a free loopback port."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import tb_common  # noqa: E402
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def write_xrays(folder: Path, count: int, tuberculosis: bool, size: int = 48, seed: int = 0) -> list[Path]:
+    """Synthetic greyscale PNGs (the demo generator's pictures) into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed + 1000 * tuberculosis)
+    paths = []
+    for i in range(count):
+        path = folder / f"img_{i:03d}.png"
+        Image.fromarray(tb_common.synthetic_xray(rng, size, tuberculosis), mode="L").save(path)
+        paths.append(path)
+    return paths
+
+
+def make_organized(root: Path, train: int = 12, test: int = 4, size: int = 48) -> Path:
+    for seed, (split, count) in enumerate((("train", train), ("test", test))):
+        for name in tb_common.CLASS_NAMES:
+            write_xrays(root / split / name, count, name == "Tuberculosis", size, seed=seed)
+    return root
+
+
+@pytest.fixture
+def organized_data(tmp_path: Path) -> Path:
+    return make_organized(tmp_path / "data")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server bound to 127.0.0.1; yields its URI."""
+    store = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+         "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while not tb_common.server_answers(uri):
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail("mlflow server did not start")
+        time.sleep(0.5)
+    yield uri
+    process.terminate()
+    process.wait(timeout=30)

@@ -1,0 +1,91 @@
+"""The ResNet50 builder, weight loading and the optimisation set-up."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision import models
+
+import tb_common
+
+
+def test_full_training_has_every_parameter_trainable():
+    model = tb_common.build_model("none")
+    assert tb_common.count_trainable(model) == 23_512_130
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.fc.out_features == 2
+
+
+def test_freeze_features_trains_only_the_head():
+    model = tb_common.build_model("none", freeze_features=True)
+    assert tb_common.count_trainable(model) == 2048 * 2 + 2
+    optimizer = tb_common.build_optimizer(model, lr=1e-3, backbone_lr_mult=0.1)
+    assert tb_common.group_lrs(optimizer) == {"classifier": 1e-3}
+
+
+def test_optimizer_groups_carry_differential_lrs_and_plateau_lowers_both():
+    model = tb_common.build_model("none")
+    optimizer = tb_common.build_optimizer(model, lr=1e-4, backbone_lr_mult=0.1)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert groups["backbone"]["lr"] == pytest.approx(1e-5)
+    assert groups["classifier"]["lr"] == pytest.approx(1e-4)
+    assert {id(p) for p in groups["classifier"]["params"]} == {id(model.fc.weight), id(model.fc.bias)}
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == 23_512_130
+
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=2)
+    for _ in range(3):  # improvement, then two flat epochs: within patience
+        scheduler.step(1.0)
+    assert tb_common.group_lrs(optimizer)["classifier"] == pytest.approx(1e-4)
+    scheduler.step(1.0)  # third flat epoch exceeds patience 2
+    lrs = tb_common.group_lrs(optimizer)
+    assert lrs["backbone"] == pytest.approx(1e-6) and lrs["classifier"] == pytest.approx(1e-5)
+
+
+@pytest.fixture
+def reference_resnet50_state():
+    torch.manual_seed(123)
+    return models.resnet50(weights=None).state_dict()
+
+
+def test_imagenet_weights_load_from_torch_hub_cache(tmp_path, monkeypatch, reference_resnet50_state):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = tmp_path / "hub" / "checkpoints" / tb_common.IMAGENET_WEIGHTS.url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    torch.save(reference_resnet50_state, cached)
+
+    model = tb_common.build_model("imagenet")
+
+    assert torch.equal(model.conv1.weight, reference_resnet50_state["conv1.weight"])
+    assert torch.equal(model.layer4[2].bn3.running_var, reference_resnet50_state["layer4.2.bn3.running_var"])
+    assert model.fc.out_features == 2  # the 1000-class head is replaced
+
+
+def test_weights_from_a_local_state_dict_file(tmp_path, reference_resnet50_state):
+    path = tmp_path / "resnet50.pth"
+    torch.save(reference_resnet50_state, path)
+    model = tb_common.build_model(str(path))
+    assert torch.equal(model.layer1[0].conv1.weight, reference_resnet50_state["layer1.0.conv1.weight"])
+
+
+def test_unavailable_imagenet_weights_stop_with_instructions(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # a closed port: the download fails at once
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+
+    with pytest.raises(SystemExit) as error:
+        tb_common.build_model("imagenet")
+
+    message = str(error.value.code)
+    assert "ImageNet weights are not available" in message
+    assert "--weights none" in message and "--weights PATH" in message
+    assert str(tmp_path / "hub" / "checkpoints") in message
+
+
+def test_missing_or_foreign_weights_file_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        tb_common.build_model(str(tmp_path / "nope.pth"))
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"layer.weight": torch.zeros(2)}, foreign)
+    with pytest.raises(SystemExit, match="not a ResNet50 state dict"):
+        tb_common.build_model(str(foreign))

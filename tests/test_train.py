@@ -1,0 +1,118 @@
+"""End-to-end training runs against real MLflow stores, resume, and CLI errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import resnet50_tb_full as trainer
+import tb_common
+from conftest import ROOT, SHARED_DATA
+
+TINY = ["--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--weights", "none"]
+
+
+def train(tmp_path, data_dir, tracking_uri, *extra):
+    argv = ["--data-dir", str(data_dir), "--checkpoint-dir", str(tmp_path / "ckpt"),
+            "--tracking-uri", tracking_uri, *TINY, *extra]
+    return trainer.main(argv)
+
+
+def metric_steps(client, run_id, key):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_two_epochs_write_every_checkpoint_summary_and_mlflow_run(tmp_path, organized_data, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = train(tmp_path, organized_data, uri, "--epochs", "2", "--save-every", "1")
+    out = capsys.readouterr().out
+
+    for line in ("Training ResNet50 for TB classification - FULL NETWORK TRAINING", "Device: cpu",
+                 "ALL LAYERS TRAINABLE - Full network training enabled",
+                 "Model has 23,512,130 trainable parameters",
+                 "Using different learning rates: Backbone 1.00e-05, Classifier 1.00e-04",
+                 "Epoch 1: Loss=", "Epoch 2: Loss=", "Val Results - Accuracy: ", "Test Results - Accuracy: "):
+        assert line in out
+    ckpt_dir = tmp_path / "ckpt"
+    periodic = sorted(ckpt_dir.glob("*_epoch*_resnet50_tb_full_trained.pth"))
+    assert [p.name.split("_")[1] for p in periodic] == ["epoch1", "epoch2"]
+    for name in ("best_resnet50_tb_full_trained.pth", "last.pth", "split_manifest.json", "summary.json",
+                 "confusion_matrix.png", "roc_curve.png", "classification_report.txt"):
+        assert (ckpt_dir / name).is_file(), name
+
+    best = torch.load(ckpt_dir / "best_resnet50_tb_full_trained.pth", map_location="cpu", weights_only=True)
+    last = torch.load(ckpt_dir / "last.pth", map_location="cpu", weights_only=True)
+    assert best["class_names"] == ["Normal", "Tuberculosis"] and best["image_size"] == 32
+    assert best["config"]["epochs"] == 2 and best["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert last["epoch"] == 2 and {"optimizer", "scheduler", "scaler"} <= last.keys()
+    model = tb_common.model_from_checkpoint(best)
+    assert torch.equal(model.fc.weight, best["model"]["fc.weight"])
+
+    written = json.loads((ckpt_dir / "summary.json").read_text())
+    assert set(written["test_metrics"]) >= {"test_accuracy", "test_f1", "test_sensitivity", "test_specificity", "test_auc"}
+    client = MlflowClient(uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "2" and run.data.params["backbone_lr_mult"] == "0.1"
+    assert metric_steps(client, run.info.run_id, "val_loss") == [1, 2]
+    assert metric_steps(client, run.info.run_id, "lr_backbone") == [1, 2]
+    assert "test_auc" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"split_manifest.json", "summary.json", "test"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "test")} == {
+        "test/confusion_matrix.png", "test/roc_curve.png", "test/classification_report.txt"}
+    assert client.search_logged_models([run.info.experiment_id])[0].source_run_id == run.info.run_id
+
+    # --resume continues the same run from the saved epoch.
+    trainer.main(["--resume", str(ckpt_dir / "last.pth"), "--epochs", "3"])
+    out = capsys.readouterr().out
+    assert "Resumed from" in out and "Epoch 3: Loss=" in out and "Epoch 1: Loss=" not in out
+    assert metric_steps(client, run.info.run_id, "val_loss") == [1, 2, 3]
+    assert torch.load(ckpt_dir / "last.pth", weights_only=True)["epoch"] == 3
+
+
+def test_run_against_a_real_mlflow_server(tmp_path, organized_data, mlflow_server):
+    summary = train(tmp_path, organized_data, mlflow_server, "--epochs", "1", "--experiment", "server-test")
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert metric_steps(client, run.info.run_id, "val_auc") == [1]
+    assert "summary.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def run_cli(*args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "resnet50_tb_full.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_explicit_tracking_uri_that_does_not_answer_stops_before_training(tmp_path, organized_data):
+    from conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = run_cli("--data-dir", str(organized_data), "--tracking-uri", dead, "--checkpoint-dir",
+                     str(tmp_path / "ckpt"), *TINY, cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"the MLflow tracking server {dead} does not answer" in result.stderr
+    assert "Epoch 1" not in result.stdout
+
+
+def test_missing_data_dir_explains_layout_and_demo(tmp_path):
+    result = run_cli("--data-dir", str(tmp_path / "missing"), *TINY, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "does not exist" in result.stderr and "DIR/test/Tuberculosis" in result.stderr
+    assert "--demo" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
+@pytest.mark.parametrize("dataset", ["tb-cxr-mini", "tb-kaggle-sample"])
+def test_real_data_smoke(tmp_path, dataset):
+    summary = train(tmp_path, SHARED_DATA / dataset, f"sqlite:///{tmp_path / 'mlflow.db'}", "--epochs", "1")
+    manifest = json.loads((tmp_path / "ckpt" / "split_manifest.json").read_text())
+    assert manifest["layout"] == ("organized" if dataset == "tb-cxr-mini" else "raw")
+    expected_total = 402 if dataset == "tb-cxr-mini" else 10
+    assert sum(len(manifest[side]) for side in ("train", "val", "test")) == expected_total
+    assert 0.0 <= summary["test_metrics"]["test_accuracy"] <= 1.0

@@ -41,7 +41,7 @@ class TrainConfig:
     freeze_features: bool = field(default=False, metadata={"help": "train only the final layer: the seed's transfer-learning baseline"})
     amp: bool | None = field(default=None, metadata={"help": "mixed precision (bf16, or fp16 with a GradScaler); default on for CUDA only"})
     device: str = field(default="auto", metadata={"help": "compute device", "choices": ["auto", "cuda", "cpu", "mps"]})
-    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes", "type": common.non_negative_int})
+    num_workers: int = field(default=min(4, os.cpu_count() or 1), metadata={"help": "DataLoader worker processes", "type": common.non_negative_int})
     val_fraction: float = field(default=0.15, metadata={"help": "share of train held out for validation (stratified)", "type": common.open_fraction})
     test_fraction: float = field(default=0.2, metadata={"help": "share held out for test when the data has no train/test split", "type": common.open_fraction})
     scheduler_patience: int = field(default=3, metadata={"help": "ReduceLROnPlateau patience in epochs (on validation loss)", "type": common.non_negative_int})
@@ -287,13 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
         mlflow.log_artifact(str(manifest_path))
 
     def checkpoint(include_training_state: bool) -> dict:
-        ckpt = {
-            "format": common.CHECKPOINT_FORMAT, "model": model.state_dict(), "config": asdict(config),
-            "class_names": list(common.CLASS_NAMES), "image_size": config.image_size,
-            "mean": list(common.IMAGENET_MEAN), "std": list(common.IMAGENET_STD),
-            "mlflow_run_id": run.info.run_id, "tracking_uri": tracking_uri,
-            "trainable_parameters": common.count_trainable(model), **state,
-        }
+        ckpt = common.checkpoint_dict(model, asdict(config), config.image_size, mlflow_run_id=run.info.run_id,
+                                      tracking_uri=tracking_uri, **state)
         if include_training_state:
             ckpt |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict()}

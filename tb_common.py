@@ -13,6 +13,7 @@ import json
 import os
 import random
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,12 +99,13 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls) -> None
     """
     for f in dataclasses.fields(config_cls):
         meta = dict(f.metadata)
-        help_text = f"{meta.pop('help')} (default: {f.default!r})"
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        help_text = f"{meta.pop('help')} (default: {default!r})"
         kwargs = dict(default=argparse.SUPPRESS, help=help_text, **meta)
-        if f.type in ("bool", bool):
+        if f.type in ("bool", "bool | None"):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif "type" not in kwargs:
-            kwargs["type"] = {"int": int, "float": float, "str": str}.get(f.type, str)
+            kwargs["type"] = {"int": int, "float": float}.get(f.type, str)
         parser.add_argument(_flag(f.name), **kwargs)
 
 
@@ -425,6 +427,16 @@ class CheckpointError(SystemExit):
         )
 
 
+def checkpoint_dict(model: nn.Module, config: dict, image_size: int, **extra) -> dict:
+    """The plain-dict checkpoint format both scripts read (weights_only-loadable)."""
+    return {
+        "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": dict(config),
+        "class_names": list(CLASS_NAMES), "image_size": image_size,
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "trainable_parameters": count_trainable(model), **extra,
+    }
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint safely (weights_only=True: tensors and plain containers only)."""
     path = Path(path)
@@ -488,8 +500,12 @@ def predict_probabilities(model: nn.Module, loader, device: torch.device, amp_dt
 
 # --------------------------------------------------------------------------- MLflow
 def server_answers(uri: str, timeout: float = 1.0) -> bool:
+    """True when an MLflow server answers its /health endpoint at `uri`."""
+    host = urllib.parse.urlparse(uri).hostname or ""
+    # A loopback probe never goes through a proxy; a fresh opener reads the proxy settings now.
+    handlers = [urllib.request.ProxyHandler({})] if host in ("127.0.0.1", "localhost", "::1") else []
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+        with urllib.request.build_opener(*handlers).open(uri.rstrip("/") + "/health", timeout=timeout) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False

@@ -55,19 +55,21 @@ def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server bound to 127.0.0.1; yields its URI."""
     store = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
+    log = open(store / "server.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
          "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=log, stderr=subprocess.STDOUT,
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while not tb_common.server_answers(uri):
         if process.poll() is not None or time.time() > deadline:
             process.kill()
-            pytest.fail("mlflow server did not start")
+            pytest.fail("mlflow server did not start:\n" + (store / "server.log").read_text()[-3000:])
         time.sleep(0.5)
     yield uri
     process.terminate()
     process.wait(timeout=30)
+    log.close()

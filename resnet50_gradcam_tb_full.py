@@ -1,0 +1,373 @@
+"""Render GradCAM overlays that show where the trained TB ResNet50 looks.
+
+    python resnet50_gradcam_tb_full.py                      # best full-training checkpoint, its test images
+    python resnet50_gradcam_tb_full.py --images xray.png scans/ --method gradcam++
+    python resnet50_gradcam_tb_full.py --compare-checkpoint checkpoints/resnet50_tb/best_resnet50_tb_finetuned.pth
+
+The model, image size, normalisation and class names come from the checkpoint. CAMs come
+from pytorch-grad-cam on model.layer4; each map's faithfulness is scored with ROAD
+(remove-and-debias: confidence change when the least vs the most relevant pixels are
+removed; higher means the map points at what the model really uses).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import UnidentifiedImageError
+from tqdm import tqdm
+
+import tb_common as common
+
+
+@dataclass
+class GradCamConfig:
+    """Every setting of a GradCAM run; each field is a command-line flag."""
+
+    checkpoint: str = field(default=str(common.best_checkpoint_path(common.FULL_TRAINING.checkpoint_dir, False)), metadata={"help": "checkpoint written by resnet50_tb_full.py"})
+    data_dir: str = field(default="", metadata={"help": "data folder; default: the one the checkpoint was trained on (its test images)"})
+    images: list[str] = field(default_factory=list, metadata={"help": "explain these image files or folders instead of the test set", "nargs": "+"})
+    num_images: int = field(default=5, metadata={"help": "images per class from the test set", "type": common.positive_int})
+    method: str = field(default="gradcam", metadata={"help": "CAM method", "choices": ["gradcam", "gradcam++", "hirescam", "layercam", "eigencam", "scorecam"]})
+    target: str = field(default="predicted", metadata={"help": "class the map explains", "choices": ["predicted", "normal", "tuberculosis"]})
+    batch_size: int = field(default=8, metadata={"help": "images per CAM batch", "type": common.positive_int})
+    device: str = field(default="auto", metadata={"help": "compute device", "choices": ["auto", "cuda", "cpu", "mps"]})
+    output_dir: str = field(default="", metadata={"help": "output folder; default gradcam_results/resnet50_tb_full (resnet50_tb for transfer learning)"})
+    compare_checkpoint: str = field(default="", metadata={"help": "second checkpoint (e.g. transfer learning): side-by-side maps per image"})
+    demo: bool = field(default=False, metadata={"help": "explain the checkpoint of `resnet50_tb_full.py --demo` on its synthetic test images"})
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_dataclass_arguments(parser, GradCamConfig)
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> GradCamConfig:
+    return GradCamConfig(**vars(get_args_parser().parse_args(argv)))
+
+
+UNLABELLED = -1
+
+
+def cam_methods() -> dict:
+    from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM
+
+    return {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM,
+            "layercam": LayerCAM, "eigencam": EigenCAM, "scorecam": ScoreCAM}
+
+
+# --------------------------------------------------------------------------- pure helpers
+def display_rgb(tensor: torch.Tensor, mean, std) -> np.ndarray:
+    """Undo normalisation: the float RGB image in [0, 1] exactly as the model saw it (H, W, 3)."""
+    mean = torch.tensor(mean).view(3, 1, 1)
+    std = torch.tensor(std).view(3, 1, 1)
+    return (tensor.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy().astype(np.float32)
+
+
+def class_slug(label: int) -> str:
+    return "unlabelled" if label == UNLABELLED else common.CLASS_NAMES[label].lower()
+
+
+def label_name(label: int) -> str:
+    return "unknown" if label == UNLABELLED else common.CLASS_NAMES[label]
+
+
+# --------------------------------------------------------------------------- CAM computation
+def compute_cams(model, target_layer, batch: torch.Tensor, target_classes: list[int], method: str) -> np.ndarray:
+    """(B, H, W) maps in [0, 1] from pytorch-grad-cam; its context manager removes the hooks."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    with cam_methods()[method](model=model, target_layers=[target_layer]) as cam:
+        return cam(input_tensor=batch, targets=[ClassifierOutputTarget(c) for c in target_classes])
+
+
+def faithfulness(model, batch: torch.Tensor, maps: np.ndarray, target_classes: list[int]) -> np.ndarray:
+    """ROAD combined score per image (pytorch-grad-cam's metric); higher is more faithful."""
+    from pytorch_grad_cam.metrics.road import ROADCombined
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    targets = [ClassifierOutputSoftmaxTarget(c) for c in target_classes]
+    with torch.no_grad():
+        return np.asarray(ROADCombined(percentiles=[20, 40, 60, 80])(batch, maps, targets, model), dtype=float)
+
+
+@dataclass
+class Explanation:
+    path: str
+    true_label: int
+    prob_tb: float
+    predicted: int
+    target: int
+    cam: np.ndarray
+    rgb: np.ndarray
+    road: float
+
+    @property
+    def wrong(self) -> bool:
+        return self.true_label != UNLABELLED and self.true_label != self.predicted
+
+
+def load_batch(samples, transform) -> torch.Tensor:
+    tensors = []
+    for path, _ in samples:
+        try:
+            tensors.append(transform(common.load_xray(path)))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise SystemExit(f"error: cannot read image {path}: {exc}") from exc
+    return torch.stack(tensors)
+
+
+def explain(model, target_layer, samples, checkpoint: dict, device, method: str, target: str,
+            batch_size: int, threshold: float = 0.5, score_faithfulness: bool = True) -> list[Explanation]:
+    """Predict and explain every (path, label) sample, batch by batch (road is NaN when not scored)."""
+    transform = common.eval_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
+    model = model.to(device).eval()
+    explanations = []
+    for start in tqdm(range(0, len(samples), batch_size), desc=f"{method}", unit="batch", leave=False):
+        chunk = samples[start:start + batch_size]
+        batch = load_batch(chunk, transform).to(device)
+        with torch.no_grad():
+            probs = model(batch).float().softmax(dim=1)[:, common.POSITIVE_CLASS].cpu().numpy()
+        predicted = (probs >= threshold).astype(int)
+        targets = [int(p) if target == "predicted" else common.CLASS_NAMES.index(target.capitalize()) for p in predicted]
+        maps = compute_cams(model, target_layer, batch, targets, method)
+        scores = faithfulness(model, batch, maps, targets) if score_faithfulness else np.full(len(chunk), np.nan)
+        for i, (path, label) in enumerate(chunk):
+            explanations.append(Explanation(
+                path=str(path), true_label=label, prob_tb=float(probs[i]), predicted=int(predicted[i]),
+                target=targets[i], cam=maps[i], rgb=display_rgb(batch[i], checkpoint["mean"], checkpoint["std"]),
+                road=float(scores[i])))
+    return explanations
+
+
+# --------------------------------------------------------------------------- selecting images
+def samples_from_paths(paths: list[str]) -> list[tuple[str, int]]:
+    """Files or folders given on the command line; a class folder name gives the true label."""
+    samples = []
+    for item in map(Path, paths):
+        if item.is_dir():
+            class_dirs = common.find_class_dirs(item)
+            if class_dirs:
+                samples += common.labelled_images(class_dirs)
+            else:
+                samples += [(str(p), label_from_folder(p)) for p in common.list_images(item)]
+        elif item.is_file():
+            samples.append((str(item), label_from_folder(item)))
+        else:
+            raise SystemExit(f"error: cannot read image {item}: no such file or folder")
+    if not samples:
+        raise SystemExit(f"error: no images found in {' '.join(paths)}")
+    return samples
+
+
+def label_from_folder(path: Path) -> int:
+    names = [name.lower() for name in common.CLASS_NAMES]
+    return names.index(path.parent.name.lower()) if path.parent.name.lower() in names else UNLABELLED
+
+
+def test_samples(checkpoint_path: Path, data_dir: str) -> list[tuple[str, int]]:
+    """The test images of the checkpoint's data: the organized test/ side or the saved split."""
+    manifest_path = checkpoint_path.parent / common.MANIFEST_NAME
+    if data_dir:
+        data = common.discover_dataset(data_dir)
+        if data.test is not None:
+            return data.test
+    if not manifest_path.is_file():
+        raise SystemExit(f"error: no {common.MANIFEST_NAME} beside {checkpoint_path}; pass --data-dir with a "
+                         "train/test layout, or --images FILE_OR_DIR")
+    return common.manifest_samples(common.read_json(manifest_path), "test", data_dir or None)
+
+
+def first_per_class(samples, count: int) -> list[tuple[str, int]]:
+    chosen = []
+    for label in sorted({label for _, label in samples}):
+        chosen += [s for s in samples if s[1] == label][:count]
+    return chosen
+
+
+# --------------------------------------------------------------------------- figures and index
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def overlay(e: Explanation) -> np.ndarray:
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    return show_cam_on_image(e.rgb, e.cam, use_rgb=True)
+
+
+def caption(e: Explanation) -> str:
+    verdict = "  WRONG" if e.wrong else ""
+    confidence = e.prob_tb if e.predicted == common.POSITIVE_CLASS else 1 - e.prob_tb
+    return f"True: {label_name(e.true_label)} | Pred: {common.CLASS_NAMES[e.predicted]} ({confidence:.1%}){verdict}"
+
+
+def render_explanation(e: Explanation, method: str, run_label: str, path: Path) -> None:
+    """Original X-ray, heatmap with colour bar, and overlay, in one titled PNG."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 4))
+    axes[0].imshow(e.rgb[..., 0], cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title("X-ray")
+    heat = axes[1].imshow(e.cam, cmap="jet", vmin=0, vmax=1)
+    axes[1].set_title(f"{method} map for {common.CLASS_NAMES[e.target]}")
+    fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.04)
+    axes[2].imshow(overlay(e))
+    axes[2].set_title(f"Overlay (ROAD {e.road:+.3f})")
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(f"{caption(e)}\n{method} | {run_label} | {Path(e.path).name}",
+                 color="red" if e.wrong else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def render_grid(explanations: list[Explanation], method: str, run_label: str, path: Path, per_class: int = 4) -> None:
+    """A few cases per true class, wrong predictions first, as one overview PNG."""
+    rows = []
+    for label in sorted({e.true_label for e in explanations}):
+        cases = sorted((e for e in explanations if e.true_label == label), key=lambda e: not e.wrong)
+        rows.append(cases[:per_class])
+    columns = max(len(row) for row in rows)
+    plt = pyplot()
+    fig, axes = plt.subplots(len(rows), columns, figsize=(3 * columns, 3.3 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(columns):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(row):
+                ax.imshow(overlay(row[c]))
+                ax.set_title(caption(row[c]).replace(" | ", "\n"), fontsize=8, color="red" if row[c].wrong else "black")
+    fig.suptitle(f"GradCAM summary: {method} | {run_label}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def render_comparison(pair: tuple[Explanation, Explanation], labels: tuple[str, str], method: str, path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 4))
+    axes[0].imshow(pair[0].rgb[..., 0], cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title(f"X-ray (true: {label_name(pair[0].true_label)})")
+    for ax, e, label in zip(axes[1:], pair, labels):
+        ax.imshow(overlay(e))
+        ax.set_title(f"{label}\n{caption(e).split(' | ', 1)[1]}, ROAD {e.road:+.3f}", fontsize=9,
+                     color="red" if e.wrong else "black")
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(f"{method}: {labels[0]} vs {labels[1]} | {Path(pair[0].path).name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def mean_road_per_class(explanations: list[Explanation]) -> dict[str, float]:
+    return {label_name(label): float(np.mean([e.road for e in explanations if e.true_label == label]))
+            for label in sorted({e.true_label for e in explanations})}
+
+
+def write_index(rows: list[dict], summary: dict, csv_path: Path, json_path: Path) -> None:
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    common.write_json({**summary, "images": rows}, json_path)
+
+
+def log_to_training_run(checkpoint: dict, paths: list[Path]) -> str:
+    """Attach the files to the checkpoint's MLflow run under gradcam/ when its store is reachable."""
+    run_id, uri = checkpoint.get("mlflow_run_id"), checkpoint.get("tracking_uri", "")
+    if not run_id or not uri:
+        return "checkpoint names no MLflow run; files written locally only"
+    reachable = common.server_answers(uri) if uri.startswith("http") else (
+        not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file())
+    if not reachable:
+        return f"MLflow store {uri} is not reachable from here; files written locally only"
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return f"run {run_id} is not in {uri}; files written locally only"
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path="gradcam")
+    return f"logged {len(paths)} files to MLflow run {run_id} ({uri}) under gradcam/"
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+    config = config_from_args(argv)
+    checkpoint_path = Path(config.checkpoint)
+    checkpoint = common.load_checkpoint(checkpoint_path)
+    profile = common.profile_for(checkpoint["config"].get("freeze_features", False))
+    if config.demo:
+        print("Demo: explaining the --demo checkpoint on its SYNTHETIC test images (not real data)")
+    device = common.resolve_device(config.device)
+    model = common.model_from_checkpoint(checkpoint)
+    output_dir = Path(config.output_dir or profile.gradcam_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    if config.images:
+        samples = samples_from_paths(config.images)
+    else:
+        samples = first_per_class(test_samples(checkpoint_path, config.data_dir), config.num_images)
+    print(f"GradCAM ({config.method}) for {checkpoint_path} [{profile.gradcam_label}] on {len(samples)} images, device {device}")
+    explanations = explain(model, model.layer4, samples, checkpoint, device, config.method, config.target, config.batch_size)
+
+    written, rows, counters = [], [], {}
+    for e in explanations:
+        counters[e.true_label] = counters.get(e.true_label, 0) + 1
+        path = output_dir / f"gradcam_{class_slug(e.true_label)}_{counters[e.true_label]}_{profile.gradcam_label}.png"
+        render_explanation(e, config.method, profile.gradcam_label, path)
+        written.append(path)
+        rows.append({"image": e.path, "true_label": label_name(e.true_label),
+                     "predicted_label": common.CLASS_NAMES[e.predicted], "probability_tuberculosis": round(e.prob_tb, 6),
+                     "correct": "" if e.true_label == UNLABELLED else not e.wrong,
+                     "cam_target": common.CLASS_NAMES[e.target], "road_score": round(e.road, 6), "file": path.name})
+
+    if config.compare_checkpoint:
+        other_checkpoint = common.load_checkpoint(config.compare_checkpoint)
+        other_profile = common.profile_for(other_checkpoint["config"].get("freeze_features", False))
+        other_model = common.model_from_checkpoint(other_checkpoint)
+        others = explain(other_model, other_model.layer4, samples, other_checkpoint, device, config.method,
+                         config.target, config.batch_size)
+        counters = {}
+        for e, other in zip(explanations, others):
+            counters[e.true_label] = counters.get(e.true_label, 0) + 1
+            path = output_dir / f"gradcam_compare_{class_slug(e.true_label)}_{counters[e.true_label]}.png"
+            render_comparison((e, other), (profile.gradcam_label, other_profile.gradcam_label), config.method, path)
+            written.append(path)
+
+    grid_path = output_dir / f"gradcam_summary_{profile.gradcam_label}.png"
+    render_grid(explanations, config.method, profile.gradcam_label, grid_path)
+    road = mean_road_per_class(explanations)
+    summary = {"checkpoint": str(checkpoint_path), "method": config.method, "target": config.target,
+               "label": profile.gradcam_label, "mean_road_per_class": road, "config": asdict(config)}
+    csv_path = output_dir / f"gradcam_index_{profile.gradcam_label}.csv"
+    json_path = output_dir / f"gradcam_index_{profile.gradcam_label}.json"
+    write_index(rows, summary, csv_path, json_path)
+    written += [grid_path, csv_path, json_path]
+
+    print("Faithfulness (ROAD combined, higher is better): "
+          + ", ".join(f"{name} {score:+.4f}" for name, score in road.items()))
+    wrong = sum(e.wrong for e in explanations)
+    print(f"Wrote {len(written)} files to {output_dir}/ ({wrong} wrong predictions marked)")
+    print(log_to_training_run(checkpoint, written))
+    return {**summary, "files": [str(p) for p in written], "images": rows}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

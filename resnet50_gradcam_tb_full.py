@@ -318,6 +318,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = common.resolve_device(config.device)
     model = common.model_from_checkpoint(checkpoint)
     output_dir = Path(config.output_dir or profile.gradcam_dir)
+    manifest_path = checkpoint_path.parent / common.MANIFEST_NAME
+    trained_on = common.read_json(manifest_path)["data_dir"] if manifest_path.is_file() else ""
+    for data_dir in {config.data_dir, trained_on} - {""}:
+        common.refuse_inside(output_dir, data_dir, "--output-dir")
     output_dir.mkdir(parents=True, exist_ok=True)
 
     if config.images:

@@ -54,6 +54,9 @@ class TrainConfig:
     experiment: str = field(default=common.FULL_TRAINING.experiment, metadata={"help": "MLflow experiment name (ResNet50_TB_FineTuning with --freeze-features)"})
     resume: str = field(default="", metadata={"help": "continue from this checkpoint (e.g. checkpoints/resnet50_tb_full/last.pth)"})
     demo: bool = field(default=False, metadata={"help": "generate a small synthetic data set and run the whole pipeline on it"})
+    deterministic: bool = field(default=False, metadata={"help": "deterministic kernels, so a resumed run repeats an uninterrupted one exactly"})
+    strict: bool = field(default=False, metadata={"help": "stop on unreadable image files instead of skipping them"})
+    dedup: bool = field(default=False, metadata={"help": "drop exact and near duplicates of training images from validation and test"})
 
 
 # Defaults that change with the mode; explicit flags still win over them.
@@ -88,10 +91,11 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 # --------------------------------------------------------------------------- data
-class EpochSampler(torch.utils.data.Sampler[int]):
+class EpochSampler(torch.utils.data.Sampler[tuple[int, int]]):
     """Seeded per-epoch shuffle, optionally over a RandomOverSampler-balanced index set.
 
-    The order depends only on (seed, epoch), so a resumed run sees the same batches.
+    Yields (index, augmentation seed) pairs that depend only on (seed, epoch), so a
+    resumed run sees the same batches and the same augmentations, with any worker count.
     """
 
     def __init__(self, labels: list[int], seed: int, oversample: bool):
@@ -113,7 +117,10 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return indices[order.numpy()]
 
     def __iter__(self):
-        return iter(self.epoch_indices().tolist())
+        indices = self.epoch_indices()
+        generator = torch.Generator().manual_seed(10_000 * self.seed + self.epoch + 1)
+        seeds = torch.randint(2**31 - 1, (len(indices),), generator=generator)
+        return iter(zip(indices.tolist(), seeds.tolist()))
 
     def __len__(self) -> int:
         if self.oversample:
@@ -154,21 +161,33 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, device, amp_dty
     model.train()
     loss_sum = torch.zeros((), device=device)  # running sums stay on the device: no per-step sync
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    seen = skipped_steps = 0
     progress = tqdm(loader, desc=f"Epoch {epoch} train", unit="batch", leave=False, dynamic_ncols=True)
-    for images, targets in progress:
+    for batch_index, (images, targets) in enumerate(progress, start=1):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
             loss = criterion(logits.float(), targets)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(epoch, batch_index, loss.item())
         optimizer.zero_grad(set_to_none=True)
+        scale_before = scaler.get_scale() if scaler.is_enabled() else 0.0
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        # fp16: the scaler skips steps whose gradients overflowed and lowers its scale; that is normal.
+        skipped_steps += scaler.is_enabled() and scaler.get_scale() < scale_before
         loss_sum += loss.detach() * len(targets)
         correct += (logits.argmax(dim=1) == targets).sum()
         seen += len(targets)
-    return {"loss": float(loss_sum) / seen, "accuracy": float(correct) / seen}
+    return {"loss": float(loss_sum) / seen, "accuracy": float(correct) / seen, "skipped_steps": int(skipped_steps)}
+
+
+class NonFiniteLossError(SystemExit):
+    def __init__(self, epoch: int, batch: int, value: float):
+        super().__init__(
+            f"error: the training loss became {value} at epoch {epoch}, batch {batch}. The best checkpoint is "
+            "untouched. Try a lower learning rate (--lr) or full precision (--no-amp).")
 
 
 def evaluate(model, loader, device, amp_dtype=None) -> dict:
@@ -227,35 +246,128 @@ def print_header(config: TrainConfig, device: torch.device, model: nn.Module, op
         print(f"Using a single learning rate: Classifier {lrs['classifier']:.2e}")
 
 
+# --------------------------------------------------------------------------- data preparation
+def prepare_manifest(config: TrainConfig, manifest_path: Path) -> dict:
+    """Discover, decode-check, split and leak-check the data; write the split manifest."""
+    data = common.discover_dataset(config.data_dir)
+    paths = [path for path, _ in data.train + (data.test or [])]
+    scan = common.scan_images(paths, workers=max(2, config.num_workers))
+    if scan.unreadable:
+        listing = "\n".join(f"  {path}: {reason}" for path, reason in sorted(scan.unreadable.items()))
+        if config.strict:
+            raise SystemExit(f"error: {len(scan.unreadable)} image files cannot be read (--strict):\n{listing}")
+        print(f"WARNING: skipping {len(scan.unreadable)} image files that cannot be read:\n{listing}", file=sys.stderr)
+        data.train = [s for s in data.train if s[0] not in scan.unreadable]
+        data.test = None if data.test is None else [s for s in data.test if s[0] not in scan.unreadable]
+        for side, samples in (("train", data.train), ("test", data.test or data.train)):
+            missing = set(range(len(common.CLASS_NAMES))) - {label for _, label in samples}
+            if missing:
+                raise common.DataLayoutError(
+                    f"no readable {common.CLASS_NAMES[min(missing)]} images left on the {side} side")
+    manifest = common.make_split_manifest(data, config.val_fraction, config.test_fraction, config.seed)
+    manifest["unreadable"] = [[os.path.relpath(p, data.root), reason] for p, reason in sorted(scan.unreadable.items())]
+    leaks = common.find_leaks(manifest, scan)
+    if leaks:
+        exact = sum(leak["kind"] == "exact" for leak in leaks)
+        action = "removed from the held-out side (--dedup)" if config.dedup else "kept; --dedup removes them"
+        print(f"WARNING: {exact} exact and {len(leaks) - exact} near-duplicate pairs between train, val and test "
+              f"({action}); list in {manifest_path.name}", file=sys.stderr)
+        if config.dedup:
+            manifest = common.drop_leaks(manifest, leaks)
+    manifest["leaks"] = leaks
+    common.write_json(manifest, manifest_path)
+    return manifest
+
+
+# --------------------------------------------------------------------------- tracking
+def start_tracking(config: TrainConfig, profile: common.Profile, resumed: dict | None, pending_path: Path):
+    """A RunLogger for a new run, or for the resumed run with its queued records replayed."""
+    # Fail over in seconds, not minutes, when a server disappears mid-run.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    from mlflow.entities import Param
+
+    if resumed:
+        logger = common.RunLogger(resumed["tracking_uri"], resumed["mlflow_run_id"], pending_path)
+        try:
+            replayed = logger.replay_pending()
+            history = resumed["history"]
+            for key in ("val_loss",):  # epochs finished but never sent (killed between save and log)
+                logged = logger.logged_steps(key)
+                for record in history:
+                    if record["epoch"] not in logged:
+                        logger.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+            logger.set_status("RUNNING")
+            print(f"MLflow: continuing run {logger.run_id} in {logger.tracking_uri}"
+                  + (f" ({replayed} queued records replayed)" if replayed else ""))
+        except logger.store_errors() as exc:
+            logger.offline = True
+            print(f"WARNING: MLflow store {logger.tracking_uri} does not answer ({type(exc).__name__}); "
+                  f"records are queued in {pending_path}", file=sys.stderr)
+        return logger
+    tracking_uri, source = common.resolve_tracking_uri(config.tracking_uri, profile.port)
+    print(f"MLflow: {tracking_uri} ({source}), experiment {config.experiment}")
+    logger = common.RunLogger(tracking_uri, "", pending_path)
+    experiment = logger.client.get_experiment_by_name(config.experiment)
+    experiment_id = experiment.experiment_id if experiment else logger.client.create_experiment(config.experiment)
+    run = logger.client.create_run(experiment_id,
+                                   run_name=f"{profile.model_stem}-{datetime.now():%Y%m%d-%H%M%S}")
+    logger.run_id = run.info.run_id
+    pending_path.unlink(missing_ok=True)  # a queue left by an earlier run belongs to that run
+    logger.client.log_batch(logger.run_id, params=[Param(k, str(v)) for k, v in asdict(config).items()])
+    return logger
+
+
+def log_model(logger: common.RunLogger, model: nn.Module, image_size: int) -> None:
+    """The best model in MLflow's pt2 format (torch.export: loading it runs no pickled code)."""
+    if logger.offline:
+        return
+    import mlflow
+
+    example = np.zeros((2, 3, image_size, image_size), dtype=np.float32)
+    requirements = [f"torch=={torch.__version__.split('+')[0]}"]  # given, so MLflow skips slow inference
+    try:
+        mlflow.set_tracking_uri(logger.tracking_uri)
+        with mlflow.start_run(run_id=logger.run_id):
+            mlflow.pytorch.log_model(model.cpu().eval(), name="model", input_example=example,
+                                     pip_requirements=requirements)
+    except logger.store_errors() as exc:
+        logger.offline = True
+        print(f"WARNING: could not log the model to MLflow ({type(exc).__name__}); "
+              "it is in the best checkpoint; --resume logs it once the store answers", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     config = config_from_args(argv)
     if config.demo and config.data_dir == common.DEMO_DATA_DIR:
         common.make_demo_dataset(config.data_dir)
         print(f"Demo: SYNTHETIC chest X-rays in {config.data_dir}/ (not real data)")
+    common.refuse_inside(config.checkpoint_dir, config.data_dir, "--checkpoint-dir")
     device = common.resolve_device(config.device)
     amp_dtype = common.autocast_dtype(device, config.amp)
     common.seed_everything(config.seed)
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     profile = common.profile_for(config.freeze_features)
     checkpoint_dir = Path(config.checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = checkpoint_dir / common.MANIFEST_NAME
+    last_path = checkpoint_dir / common.LAST_CHECKPOINT_NAME
+    best_path = common.best_checkpoint_path(checkpoint_dir, config.freeze_features)
+    pending_path = checkpoint_dir / common.PENDING_RECORDS_NAME
 
     # Data: reuse the saved split when resuming, so the test images never change.
     resumed = common.load_checkpoint(config.resume) if config.resume else None
-    if resumed:
-        manifest = common.read_json(manifest_path)
-    else:
-        data = common.discover_dataset(config.data_dir)
-        manifest = common.make_split_manifest(data, config.val_fraction, config.test_fraction, config.seed)
-        common.write_json(manifest, manifest_path)
+    manifest = common.read_json(manifest_path) if resumed else prepare_manifest(config, manifest_path)
     train_loader, val_loader, test_loader = make_loaders(manifest, config, device)
     train_labels = [label for _, label in manifest["train"]]
 
     model = common.build_model(config.weights if not resumed else "none", config.freeze_features).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not config.deterministic
     optimizer = common.build_optimizer(model, config.lr, config.backbone_lr_mult)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=config.scheduler_patience)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -265,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
           + ", ".join(f"{side} {len(manifest[side])}" for side in ("train", "val", "test")) + " images")
 
     state = {"epoch": 0, "best_score": [-1.0, -float("inf")], "best_epoch": 0, "stale_epochs": 0,
-             "history": [], "train_seconds": 0.0}
+             "history": [], "train_seconds": 0.0, "completed": False}
     if resumed:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
@@ -273,59 +385,75 @@ def main(argv: list[str] | None = None) -> dict:
         scaler.load_state_dict(resumed["scaler"])
         state = {key: resumed[key] for key in state}
         print(f"Resumed from {config.resume} after epoch {state['epoch']}")
-
-    import mlflow
-
-    tracking_uri, source = common.resolve_tracking_uri(config.tracking_uri, profile.port)
-    print(f"MLflow: {tracking_uri} ({source}), experiment {config.experiment}")
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(config.experiment)
-    run = mlflow.start_run(run_id=resumed["mlflow_run_id"] if resumed else None)
+    logger = start_tracking(config, profile, resumed, pending_path)
+    if resumed and state["completed"] and (state["epoch"] >= config.epochs
+                                           or state["stale_epochs"] >= config.early_stop_patience):
+        print("That run had already finished; nothing left to train.")
+        if not logger.offline:
+            log_model(logger, common.model_from_checkpoint(common.load_checkpoint(best_path)), config.image_size)
+            logger.set_status("FINISHED")
+        return common.read_json(checkpoint_dir / common.SUMMARY_NAME)
     if not resumed:
-        mlflow.log_params(asdict(config))
-        mlflow.log_param("trainable_parameters", common.count_trainable(model))
-        mlflow.log_artifact(str(manifest_path))
+        logger.log_metrics({"trainable_parameters": common.count_trainable(model)})
+        logger.log_artifact(manifest_path)
 
     def checkpoint(include_training_state: bool) -> dict:
-        ckpt = common.checkpoint_dict(model, asdict(config), config.image_size, mlflow_run_id=run.info.run_id,
-                                      tracking_uri=tracking_uri, **state)
+        ckpt = common.checkpoint_dict(model, asdict(config), config.image_size, mlflow_run_id=logger.run_id,
+                                      tracking_uri=logger.tracking_uri, **state)
         if include_training_state:
             ckpt |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict()}
         return ckpt
 
-    best_path = common.best_checkpoint_path(checkpoint_dir, config.freeze_features)
-    for epoch in range(state["epoch"] + 1, config.epochs + 1):
-        train_loader.sampler.set_epoch(epoch)
-        started = time.perf_counter()
-        train_results = train_one_epoch(model, train_loader, criterion, optimizer, scaler, device, amp_dtype, epoch)
-        val_results = evaluate(model, val_loader, device, amp_dtype)
-        lrs = common.group_lrs(optimizer)  # the rates this epoch trained with
-        scheduler.step(val_results["loss"])
-        state["train_seconds"] += time.perf_counter() - started
-        state["epoch"] = epoch
+    state["completed"] = False
+    resume_command = f"python resnet50_tb_full.py --resume {last_path}"
+    try:
+        if not resumed:  # so that an interrupt during the first epoch still leaves a resumable file
+            common.save_checkpoint(checkpoint(True), last_path)
+        for epoch in range(state["epoch"] + 1, config.epochs + 1):
+            train_loader.sampler.set_epoch(epoch)
+            started = time.perf_counter()
+            train_results = train_one_epoch(model, train_loader, criterion, optimizer, scaler, device, amp_dtype, epoch)
+            val_results = evaluate(model, val_loader, device, amp_dtype)
+            lrs = common.group_lrs(optimizer)  # the rates this epoch trained with
+            scheduler.step(val_results["loss"])
+            state["train_seconds"] += time.perf_counter() - started
+            state["epoch"] = epoch
 
-        print(f"Epoch {epoch}: Loss={train_results['loss']:.4f}, Train Acc={train_results['accuracy']:.4f}, "
-              f"Backbone LR={lrs.get('backbone', 0.0):.2e}, Classifier LR={lrs['classifier']:.2e}")
-        print(common.format_results("Val", val_results))
-        metrics = {**scalar_metrics(train_results, "train"), **scalar_metrics(val_results, "val"),
-                   **{f"lr_{name}": lr for name, lr in lrs.items()}}
-        state["history"].append({"epoch": epoch, **metrics})
-        mlflow.log_metrics(metrics, step=epoch)
+            print(f"Epoch {epoch}: Loss={train_results['loss']:.4f}, Train Acc={train_results['accuracy']:.4f}, "
+                  f"Backbone LR={lrs.get('backbone', 0.0):.2e}, Classifier LR={lrs['classifier']:.2e}")
+            print(common.format_results("Val", val_results))
+            metrics = {**scalar_metrics(train_results, "train"), **scalar_metrics(val_results, "val"),
+                       **{f"lr_{name}": lr for name, lr in lrs.items()}}
+            state["history"].append({"epoch": epoch, **metrics})
 
-        score = [val_results["auc"] if np.isfinite(val_results["auc"]) else 0.0, -val_results["loss"]]
-        if score > state["best_score"]:
-            state.update(best_score=score, best_epoch=epoch, stale_epochs=0)
-            common.save_checkpoint(checkpoint(include_training_state=False), best_path)
-        else:
-            state["stale_epochs"] += 1
-        if epoch % config.save_every == 0:
-            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-            common.save_checkpoint(checkpoint(True), checkpoint_dir / f"{stamp}_epoch{epoch}_{profile.model_stem}.pth")
-        common.save_checkpoint(checkpoint(True), checkpoint_dir / common.LAST_CHECKPOINT_NAME)
-        if state["stale_epochs"] >= config.early_stop_patience:
-            print(f"Early stopping: no better validation AUC for {config.early_stop_patience} epochs")
-            break
+            score = [val_results["auc"] if np.isfinite(val_results["auc"]) else 0.0, -val_results["loss"]]
+            if score > state["best_score"]:
+                state.update(best_score=score, best_epoch=epoch, stale_epochs=0)
+                common.save_checkpoint(checkpoint(include_training_state=False), best_path)
+            else:
+                state["stale_epochs"] += 1
+            if epoch % config.save_every == 0:
+                stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+                common.save_checkpoint(checkpoint(True), checkpoint_dir / f"{stamp}_epoch{epoch}_{profile.model_stem}.pth")
+            # Checkpoint first, then log: a kill in between is repaired from the history on --resume.
+            common.save_checkpoint(checkpoint(True), last_path)
+            logger.log_metrics(metrics, step=epoch)
+            if state["stale_epochs"] >= config.early_stop_patience:
+                print(f"Early stopping: no better validation AUC for {config.early_stop_patience} epochs")
+                break
+    except KeyboardInterrupt:
+        logger.set_status("KILLED")
+        print(f"\nInterrupted. {last_path} holds epoch {state['epoch']}; resume with:\n  {resume_command}")
+        raise SystemExit(130)
+    except torch.OutOfMemoryError as exc:
+        logger.set_status("FAILED")
+        raise SystemExit(f"error: out of GPU memory at batch size {config.batch_size} ({str(exc).splitlines()[0]}).\n"
+                         "Try --batch-size 8 and --amp (mixed precision), then resume with:\n  "
+                         f"{resume_command} --batch-size 8 --amp") from exc
+    except NonFiniteLossError:
+        logger.set_status("FAILED")
+        raise
 
     # The test set is scored once, on the best checkpoint.
     best = common.load_checkpoint(best_path)
@@ -333,25 +461,25 @@ def main(argv: list[str] | None = None) -> dict:
     test_results = evaluate(model, test_loader, device, amp_dtype)
     print(common.format_results("Test", test_results))
     test_metrics = scalar_metrics(test_results, "test")
-    mlflow.log_metrics(test_metrics)
+    logger.log_metrics(test_metrics)
     for path in save_test_figures(test_results["labels"], test_results["probs"], checkpoint_dir):
-        mlflow.log_artifact(str(path), artifact_path="test")
+        logger.log_artifact(path, artifact_path="test")
     summary = {
         "test_metrics": test_metrics, "best_epoch": best["best_epoch"], "epochs_trained": state["epoch"],
         "train_seconds": state["train_seconds"], "trainable_parameters": common.count_trainable(model),
-        "best_checkpoint": str(best_path), "last_checkpoint": str(checkpoint_dir / common.LAST_CHECKPOINT_NAME),
-        "split_manifest": str(manifest_path), "mlflow_run_id": run.info.run_id, "tracking_uri": tracking_uri,
+        "best_checkpoint": str(best_path), "last_checkpoint": str(last_path),
+        "split_manifest": str(manifest_path), "mlflow_run_id": logger.run_id, "tracking_uri": logger.tracking_uri,
         "experiment": config.experiment, "config": asdict(config),
     }
     common.write_json(summary, checkpoint_dir / common.SUMMARY_NAME)
-    mlflow.log_artifact(str(checkpoint_dir / common.SUMMARY_NAME))
-    # pt2 (torch.export) rather than pickle: loading the logged model runs no pickled code.
-    example = np.zeros((2, 3, config.image_size, config.image_size), dtype=np.float32)
-    requirements = [f"torch=={torch.__version__.split('+')[0]}"]  # given, so MLflow skips slow inference
-    mlflow.pytorch.log_model(model.cpu().eval(), name="model", input_example=example, pip_requirements=requirements)
-    mlflow.end_run()
+    logger.log_artifact(checkpoint_dir / common.SUMMARY_NAME)
+    state["completed"] = True
+    common.save_checkpoint(checkpoint(True), last_path)
+    log_model(logger, model, config.image_size)
+    logger.set_status("FINISHED")
     print(f"Best checkpoint (epoch {best['best_epoch']}): {best_path}")
-    print(f"Summary: {checkpoint_dir / common.SUMMARY_NAME}; MLflow run {run.info.run_id}")
+    print(f"Summary: {checkpoint_dir / common.SUMMARY_NAME}; MLflow run {logger.run_id}"
+          + (f" (offline: queued records in {pending_path}; {resume_command} replays them)" if logger.offline else ""))
     return summary
 
 

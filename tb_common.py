@@ -12,6 +12,8 @@ import dataclasses
 import json
 import os
 import random
+import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -32,6 +34,7 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 MANIFEST_NAME = "split_manifest.json"
 SUMMARY_NAME = "summary.json"
 LAST_CHECKPOINT_NAME = "last.pth"
+PENDING_RECORDS_NAME = "mlflow_pending.jsonl"
 CHECKPOINT_FORMAT = 1
 DEMO_DATA_DIR = "demo_data"
 
@@ -132,7 +135,7 @@ def open_fraction(text: str) -> float:
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0.0:
+    if not 0.0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
     return value
 
@@ -142,6 +145,12 @@ def image_size(text: str) -> int:
     if value < 32:
         raise argparse.ArgumentTypeError(f"must be at least 32 pixels (ResNet50 downsamples 32x), got {text}")
     return value
+
+
+def refuse_inside(output: str | Path, data_dir: str | Path, flag: str) -> None:
+    """Outputs never go inside the data folder: a later scan would take them for data."""
+    if data_dir and Path(output).resolve().is_relative_to(Path(data_dir).resolve()):
+        raise SystemExit(f"error: {flag} {output} lies inside the data folder {data_dir}; choose a folder outside it")
 
 
 # --------------------------------------------------------------------------- runtime helpers
@@ -225,7 +234,7 @@ def labelled_images(class_dirs: dict[int, Path]) -> list[tuple[str, int]]:
 
 def discover_dataset(data_dir: str | Path) -> DataSplit:
     """Find the organized (train/test) or the raw Kaggle (class folders only) layout."""
-    root = Path(data_dir).expanduser()
+    root = Path(data_dir).expanduser().resolve()
     if not str(data_dir) or not root.is_dir():
         raise DataLayoutError(f"data folder '{data_dir}' does not exist (set --data-dir or TB_DATA_DIR)")
     children = _child_dirs_by_lower_name(root)
@@ -298,6 +307,11 @@ def load_xray(path: str | Path) -> Image.Image:
     """
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            # 16-bit radiographs: Pillow's convert("L") would clip everything above 255 to white.
+            pixels = np.asarray(img, dtype=np.float64)
+            full_scale = 65535.0 if img.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+            return Image.fromarray(np.clip(pixels * (255.0 / full_scale) + 0.5, 0, 255).astype(np.uint8), mode="L")
         return img.convert("L")
 
 
@@ -333,9 +347,87 @@ class XrayDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
-        return self.transform(load_xray(path)), label
+        image = load_xray(path)
+        if seed is not None:  # the sample's augmentation depends only on the sampler's seed
+            torch.manual_seed(seed)
+        return self.transform(image), label
+
+
+# Errors that mean "this file is not a usable image" (Pillow raises all of these).
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+@dataclass
+class ImageScan:
+    """One decode of every image: what could not be read, and hashes for the leak check."""
+
+    unreadable: dict[str, str] = field(default_factory=dict)  # path -> reason
+    pixel_hash: dict[str, str] = field(default_factory=dict)  # path -> sha1 of the decoded greyscale pixels
+    perceptual_hash: dict[str, object] = field(default_factory=dict)  # path -> imagehash.ImageHash
+
+
+def _scan_one(path: str):
+    import hashlib
+
+    import imagehash
+
+    try:
+        img = load_xray(path)
+    except UNREADABLE_IMAGE_ERRORS as exc:
+        return path, f"{type(exc).__name__}: {exc}", None, None
+    return path, None, hashlib.sha1(img.tobytes() + str(img.size).encode()).hexdigest(), imagehash.phash(img, hash_size=16)
+
+
+def scan_images(paths: list[str], workers: int = 4) -> ImageScan:
+    """Decode every file once, in threads (Pillow releases the GIL while decoding)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    scan = ImageScan()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(_scan_one, paths, chunksize=16)
+        for path, error, pixel_hash, perceptual in tqdm(results, total=len(paths), desc="Checking images",
+                                                         unit="img", leave=False):
+            if error:
+                scan.unreadable[path] = error
+            else:
+                scan.pixel_hash[path], scan.perceptual_hash[path] = pixel_hash, perceptual
+    return scan
+
+
+def find_leaks(manifest: dict, scan: ImageScan, max_distance: int = 10) -> list[dict]:
+    """Exact (same decoded pixels) and near (256-bit perceptual hash within max_distance bits)
+    duplicates between train and the held-out sides (val, test) and between val and test.
+
+    On tb-cxr-mini, distinct real X-rays are at least 42 bits apart; a re-saved or
+    slightly brightened copy is within a few bits."""
+    root = Path(manifest["data_dir"])
+    side_paths = {side: [str(root / rel) for rel, _ in manifest[side]] for side in ("train", "val", "test")}
+    leaks = []
+    for kept, held_out in (("train", "val"), ("train", "test"), ("val", "test")):
+        a, b = side_paths[kept], side_paths[held_out]
+        if not a or not b:
+            continue
+        bits_a = np.stack([scan.perceptual_hash[p].hash.ravel() for p in a])
+        bits_b = np.stack([scan.perceptual_hash[p].hash.ravel() for p in b])
+        distances = (bits_a[:, None, :] != bits_b[None, :, :]).sum(axis=2)
+        for i, j in zip(*np.nonzero(distances <= max_distance)):
+            exact = scan.pixel_hash[a[i]] == scan.pixel_hash[b[j]]
+            leaks.append({"kind": "exact" if exact else "near", "distance": int(distances[i, j]),
+                          kept: os.path.relpath(a[i], root), held_out: os.path.relpath(b[j], root),
+                          "held_out_side": held_out})
+    return leaks
+
+
+def drop_leaks(manifest: dict, leaks: list[dict]) -> dict:
+    """Remove each leaking image from its held-out side (val or test); train keeps its copy."""
+    dropped = {(leak["held_out_side"], leak[leak["held_out_side"]]) for leak in leaks}
+    return manifest | {side: [[rel, label] for rel, label in manifest[side] if (side, rel) not in dropped]
+                       for side in ("val", "test")}
 
 
 # --------------------------------------------------------------------------- model
@@ -365,8 +457,12 @@ def load_backbone_state(weights: str) -> dict | None:
     path = Path(weights)
     if not path.is_file():
         raise WeightsUnavailableError(f"--weights file {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("model", state)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise WeightsUnavailableError(f"--weights file {path} is not a safe, readable state dict "
+                                      f"({type(exc).__name__})") from exc
+    return state.get("model", state) if isinstance(state, dict) else {}
 
 
 def build_model(weights: str = "none", freeze_features: bool = False, num_classes: int = len(CLASS_NAMES)) -> nn.Module:
@@ -408,11 +504,15 @@ def atomic_write(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # the previous file at `path` stays as it was
+        raise
 
 
 def save_checkpoint(checkpoint: dict, path: Path) -> None:
@@ -572,3 +672,74 @@ def make_demo_dataset(root: str | Path, train_per_class: int = 100, test_per_cla
     marker.write_text("SYNTHETIC images generated by tb_common.make_demo_dataset for --demo runs. "
                       "Not real radiographs; never use them to judge a model.\n")
     return root
+
+
+class RunLogger:
+    """Logs to one MLflow run and survives the store going away.
+
+    The first failed call prints one warning; from then on nothing is sent, and every
+    record (metrics, artifacts) goes to a JSON-lines file beside the checkpoints.
+    `replay_pending()` sends that file on the next `--resume` that reaches the store.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, pending_path: Path):
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri, self.run_id, self.pending_path = tracking_uri, run_id, Path(pending_path)
+        self.client = MlflowClient(tracking_uri)
+        self.offline = False
+
+    @staticmethod
+    def store_errors() -> tuple:
+        import requests
+        from mlflow.exceptions import MlflowException
+
+        return (MlflowException, requests.RequestException, OSError)
+
+    def _send(self, record: dict) -> None:
+        from mlflow.entities import Metric
+
+        if record["kind"] == "metrics":
+            metrics = [Metric(key, value, record["timestamp"], record["step"]) for key, value in record["metrics"].items()]
+            self.client.log_batch(self.run_id, metrics=metrics)
+        else:
+            self.client.log_artifact(self.run_id, record["path"], artifact_path=record["artifact_path"])
+
+    def _record(self, record: dict) -> None:
+        if not self.offline:
+            try:
+                self._send(record)
+                return
+            except self.store_errors() as exc:
+                self.offline = True
+                print(f"WARNING: MLflow store {self.tracking_uri} stopped answering ({type(exc).__name__}); "
+                      f"training goes on and unsent records are kept in {self.pending_path} "
+                      "(replayed by --resume)", file=sys.stderr)
+        with open(self.pending_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        self._record({"kind": "metrics", "metrics": metrics, "step": step, "timestamp": int(time.time() * 1000)})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._record({"kind": "artifact", "path": str(path), "artifact_path": artifact_path})
+
+    def replay_pending(self) -> int:
+        """Send what an earlier, disconnected run queued; the file goes once all is sent."""
+        if not self.pending_path.is_file():
+            return 0
+        records = [json.loads(line) for line in self.pending_path.read_text().splitlines() if line.strip()]
+        for record in records:
+            self._send(record)
+        self.pending_path.unlink()
+        return len(records)
+
+    def logged_steps(self, key: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+
+    def set_status(self, status: str) -> None:
+        if not self.offline:
+            try:
+                self.client.update_run(self.run_id, status=status)
+            except self.store_errors():
+                self.offline = True

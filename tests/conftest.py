@@ -2,6 +2,8 @@
 and a real `mlflow server` on a free loopback port."""
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -50,26 +52,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server bound to 127.0.0.1; yields its URI."""
-    store = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    log = open(store / "server.log", "w")
+def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
+    """A real MLflow tracking server bound to 127.0.0.1, in its own process group; waits until it answers."""
+    log = open(store / "server.log", "a")
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
          "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
-    while not tb_common.server_answers(uri):
+    while not tb_common.server_answers(f"http://127.0.0.1:{port}"):
         if process.poll() is not None or time.time() > deadline:
-            process.kill()
+            stop_process_group(process)
             pytest.fail("mlflow server did not start:\n" + (store / "server.log").read_text()[-3000:])
         time.sleep(0.5)
-    yield uri
-    process.terminate()
+    return process
+
+
+def stop_process_group(process: subprocess.Popen, sig=signal.SIGTERM) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        return
     process.wait(timeout=30)
-    log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on a free loopback port; yields its URI."""
+    store = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    process = start_mlflow_server(store, port)
+    yield f"http://127.0.0.1:{port}"
+    stop_process_group(process)

@@ -1,0 +1,362 @@
+"""Faults injected for real: kills, interrupts, failed writes, a dying MLflow server,
+diverging losses, bad and unusual images, leaks, bad flags and hostile checkpoints."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+import resnet50_gradcam_tb_full as gradcam
+import resnet50_tb_full as trainer
+import tb_common
+from conftest import ROOT, free_port, make_organized, start_mlflow_server, stop_process_group
+
+TINY = ["--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--weights", "none", "--seed", "3"]
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, str(ROOT / "resnet50_tb_full.py"), *args]
+
+
+def spawn(args, log: Path, **env) -> subprocess.Popen:
+    return subprocess.Popen(cli(*args), stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=log.parent,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+
+
+def wait_for_epoch_checkpoint(last: Path, process: subprocess.Popen, timeout: float = 180) -> None:
+    """Block until last.pth has been replaced after its epoch-0 version, i.e. epoch 1 is saved."""
+    inodes, deadline = set(), time.time() + timeout
+    while len(inodes) < 2:
+        assert process.poll() is None, "training ended before its first epoch was saved"
+        assert time.time() < deadline, "no epoch checkpoint in time"
+        if last.exists():
+            inodes.add(last.stat().st_ino)
+        time.sleep(0.02)
+
+
+def history(checkpoint_path: Path) -> list[dict]:
+    return torch.load(checkpoint_path, map_location="cpu", weights_only=True)["history"]
+
+
+def steps(client: MlflowClient, run_id: str, key: str = "val_loss") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_organized(tmp_path / "data", train=24, test=4, size=40)
+
+
+# --------------------------------------------------------------------------- 1. SIGKILL, resume
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, data):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--data-dir", str(data), "--epochs", "3", "--deterministic", "--tracking-uri", uri, *TINY]
+    reference = subprocess.run(cli(*common, "--checkpoint-dir", str(tmp_path / "reference")),
+                               capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    last = tmp_path / "killed" / "last.pth"
+    process = spawn([*common, "--checkpoint-dir", str(tmp_path / "killed")], tmp_path / "killed.log")
+    wait_for_epoch_checkpoint(last, process)
+    time.sleep(0.3)  # into the next epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert 1 <= saved["epoch"] < 3 and not saved["completed"]
+
+    resumed = subprocess.run(cli("--resume", str(last)), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"Resumed from {last} after epoch {saved['epoch']}" in resumed.stdout
+
+    expected = history(tmp_path / "reference" / "last.pth")
+    got = history(last)
+    assert [h["epoch"] for h in got] == [1, 2, 3]
+    for want, have in zip(expected, got):
+        assert have == pytest.approx(want, rel=1e-6, abs=1e-9)
+    client = MlflowClient(uri)
+    assert steps(client, saved["mlflow_run_id"]) == [1, 2, 3]  # same run, no duplicate or missing epoch
+    assert steps(client, saved["mlflow_run_id"], "train_loss") == [1, 2, 3]
+    assert client.get_run(saved["mlflow_run_id"]).info.status == "FINISHED"
+
+
+# --------------------------------------------------------------------------- 2. Ctrl-C
+def test_ctrl_c_saves_marks_run_killed_and_prints_resume_command(tmp_path, data):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    last = tmp_path / "ckpt" / "last.pth"
+    log = tmp_path / "train.log"
+    process = spawn(["--data-dir", str(data), "--epochs", "50", "--checkpoint-dir", str(tmp_path / "ckpt"),
+                     "--tracking-uri", uri, *TINY], log)
+    wait_for_epoch_checkpoint(last, process)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+
+    output = log.read_text()
+    assert f"python resnet50_tb_full.py --resume {last}" in output
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["epoch"] >= 1
+    assert MlflowClient(uri).get_run(saved["mlflow_run_id"]).info.status == "KILLED"
+    assert "Traceback" not in output
+
+
+# --------------------------------------------------------------------------- 3. atomic writes
+def test_failed_checkpoint_write_leaves_previous_file_intact(tmp_path):
+    path = tmp_path / "last.pth"
+    tb_common.save_checkpoint({"epoch": 1, "weights": torch.ones(1000)}, path)
+
+    with pytest.raises(Exception):  # a lambda cannot be pickled: torch.save fails half-way through
+        tb_common.save_checkpoint({"epoch": 2, "weights": torch.zeros(10**6), "broken": lambda: None}, path)
+
+    kept = torch.load(path, weights_only=True)
+    assert kept["epoch"] == 1 and torch.equal(kept["weights"], torch.ones(1000))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temp file left behind
+
+
+def test_kill_during_checkpoint_writes_never_leaves_a_torn_file(tmp_path):
+    path = tmp_path / "last.pth"
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, torch, tb_common\n"
+        "for i in range(10**6):\n"
+        f"    tb_common.save_checkpoint({{'i': i, 'w': torch.full((4_000_000,), float(i))}}, {str(path)!r})\n"
+    )], cwd=ROOT)
+    deadline = time.time() + 60
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+
+    kept = torch.load(path, weights_only=True)
+    assert kept["i"] >= 0 and torch.all(kept["w"] == kept["i"])
+
+
+# --------------------------------------------------------------------------- 4. MLflow server dies
+def test_mlflow_server_dying_mid_run_loses_nothing(tmp_path, data):
+    store = tmp_path / "server"
+    store.mkdir()
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(store, port)
+    ckpt = tmp_path / "ckpt"
+    log = tmp_path / "train.log"
+    try:
+        process = spawn(["--data-dir", str(data), "--epochs", "3", "--checkpoint-dir", str(ckpt),
+                         "--tracking-uri", uri, "--experiment", "dies", *TINY], log,
+                        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")  # fail over at once: the test need not wait
+        wait_for_epoch_checkpoint(ckpt / "last.pth", process)
+        stop_process_group(server, signal.SIGKILL)
+        assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        stop_process_group(server, signal.SIGKILL)
+
+    output = log.read_text()
+    assert output.count("stopped answering") == 1
+    assert (ckpt / "summary.json").is_file() and (ckpt / "best_resnet50_tb_full_trained.pth").is_file()
+    pending = ckpt / tb_common.PENDING_RECORDS_NAME
+    assert pending.is_file() and "test_auc" in pending.read_text()
+
+    server = start_mlflow_server(store, port)  # the server comes back with the same store
+    try:
+        resumed = subprocess.run(cli("--resume", str(ckpt / "last.pth")), capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "queued records replayed" in resumed.stdout
+        run_id = torch.load(ckpt / "last.pth", weights_only=True)["mlflow_run_id"]
+        client = MlflowClient(uri)
+        assert steps(client, run_id) == [1, 2, 3]
+        run = client.get_run(run_id)
+        assert "test_auc" in run.data.metrics and run.info.status == "FINISHED"
+        assert {"summary.json", "test"} <= {a.path for a in client.list_artifacts(run_id)}
+        assert not pending.exists()
+    finally:
+        stop_process_group(server)
+
+
+# --------------------------------------------------------------------------- 5, 6. NaN loss, OOM
+def test_non_finite_loss_stops_with_epoch_and_batch_and_keeps_best(tmp_path, data):
+    args = ["--data-dir", str(data), "--checkpoint-dir", str(tmp_path / "ckpt"),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *TINY]
+    trainer.main([*args, "--epochs", "1"])
+    best = tmp_path / "ckpt" / "best_resnet50_tb_full_trained.pth"
+    before = best.read_bytes()
+
+    # A corrupted initial-weights file: one NaN in layer4 makes every loss NaN.
+    state = tb_common.build_model("none").state_dict()
+    state["layer4.2.conv3.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "corrupt.pth")
+    with pytest.raises(SystemExit) as error:
+        trainer.main([*args, "--epochs", "2", "--weights", str(tmp_path / "corrupt.pth")])
+
+    message = str(error.value.code)
+    assert "became nan at epoch 1, batch 1" in message and "--no-amp" in message and "--lr" in message
+    assert best.read_bytes() == before
+
+
+def test_out_of_memory_gives_the_seeds_memory_advice(tmp_path, data, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "train_one_epoch", out_of_memory)
+    with pytest.raises(SystemExit) as error:
+        trainer.main(["--data-dir", str(data), "--checkpoint-dir", str(tmp_path / "ckpt"), "--epochs", "1",
+                      "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *TINY])
+    message = str(error.value.code)
+    assert "out of GPU memory" in message and "--batch-size 8" in message and "--amp" in message
+
+
+# --------------------------------------------------------------------------- bad input
+def corrupt_files(folder: Path) -> dict[str, Path]:
+    source = Image.fromarray(tb_common.synthetic_xray(np.random.default_rng(9), 40, True), mode="L")
+    buffer = io.BytesIO()
+    source.save(buffer, format="JPEG")
+    files = {"truncated": folder / "truncated.jpg", "empty": folder / "empty.png", "text": folder / "text.png",
+             "jpeg_as_png": folder / "jpeg_named.png"}
+    files["truncated"].write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    files["empty"].write_bytes(b"")
+    files["text"].write_text("not an image")
+    files["jpeg_as_png"].write_bytes(buffer.getvalue())  # valid JPEG content: decoded by content, kept
+    return files
+
+
+def config_for(data, tmp_path, *extra) -> trainer.TrainConfig:
+    return trainer.config_from_args(["--data-dir", str(data), "--checkpoint-dir", str(tmp_path / "ckpt"), *TINY, *extra])
+
+
+def test_unreadable_files_are_listed_once_and_skipped_or_refused(tmp_path, data, capsys):
+    files = corrupt_files(data / "train" / "Tuberculosis")
+    manifest = trainer.prepare_manifest(config_for(data, tmp_path), tmp_path / "manifest.json")
+
+    unreadable = {Path(rel).name for rel, _ in manifest["unreadable"]}
+    assert unreadable == {"truncated.jpg", "empty.png", "text.png"}
+    used = {Path(rel).name for side in ("train", "val", "test") for rel, _ in manifest[side]}
+    assert "jpeg_named.png" in used and not unreadable & used
+    stderr = capsys.readouterr().err
+    assert stderr.count("WARNING: skipping 3 image files") == 1
+    assert all(str(files[k]) in stderr for k in ("truncated", "empty", "text"))
+
+    with pytest.raises(SystemExit, match="3 image files cannot be read"):
+        trainer.prepare_manifest(config_for(data, tmp_path, "--strict"), tmp_path / "manifest.json")
+
+
+def test_class_left_empty_after_skipping_is_an_error(tmp_path, data):
+    for path in (data / "test" / "Tuberculosis").iterdir():
+        path.write_bytes(b"")
+    with pytest.raises(SystemExit, match="no readable Tuberculosis images left on the test side"):
+        trainer.prepare_manifest(config_for(data, tmp_path), tmp_path / "manifest.json")
+
+
+def exif_rotated_png(pixels: np.ndarray, path: Path) -> None:
+    """Store the picture rotated, with an EXIF orientation tag that rotates it back."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    Image.fromarray(np.rot90(pixels, k=1).copy(), mode="L").save(path, exif=exif)
+
+
+@pytest.mark.parametrize("variant", ["16bit", "rgba", "palette", "cmyk_jpeg", "exif_rotated", "large"])
+def test_unusual_images_decode_to_the_same_greyscale(tmp_path, variant):
+    size = 2400 if variant == "large" else 64
+    pixels = tb_common.synthetic_xray(np.random.default_rng(11), size, tuberculosis=True)
+    path = tmp_path / f"{variant}.png"
+    tolerance = 0
+    if variant == "16bit":
+        Image.fromarray(pixels.astype(np.uint16) * 257).save(path)
+        assert Image.open(path).mode.startswith("I")
+    elif variant == "rgba":
+        Image.fromarray(np.dstack([pixels] * 3 + [np.full_like(pixels, 255)]), mode="RGBA").save(path)
+    elif variant == "palette":
+        Image.fromarray(pixels, mode="L").convert("P").save(path)
+    elif variant == "cmyk_jpeg":
+        path = tmp_path / "cmyk.jpg"
+        Image.fromarray(pixels, mode="L").convert("CMYK").save(path, quality=100)
+        tolerance = 6  # lossy JPEG
+    elif variant == "exif_rotated":
+        exif_rotated_png(pixels, path)
+    else:
+        Image.fromarray(pixels, mode="L").save(path)
+
+    loaded = tb_common.load_xray(path)
+
+    assert loaded.mode == "L" and loaded.size == (size, size)
+    assert np.abs(np.asarray(loaded, dtype=int) - pixels).max() <= tolerance
+
+
+def test_decompression_bomb_limit_is_kept(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((200, 200), np.uint8), mode="L").save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 40,000 pixels is over twice the limit
+    scan = tb_common.scan_images([str(tmp_path / "bomb.png")])
+    assert "DecompressionBombError" in scan.unreadable[str(tmp_path / "bomb.png")]
+
+
+def test_duplicates_across_splits_are_reported_and_dedup_removes_them(tmp_path, data, capsys):
+    train_image = sorted((data / "train" / "Normal").iterdir())[0]
+    exact = data / "test" / "Normal" / "copy_of_train.png"
+    exact.write_bytes(train_image.read_bytes())
+    near = data / "test" / "Normal" / "brighter_train.png"
+    brighter = np.asarray(Image.open(train_image), dtype=int) + 6
+    Image.fromarray(np.clip(brighter, 0, 255).astype(np.uint8), mode="L").save(near)
+
+    manifest = trainer.prepare_manifest(config_for(data, tmp_path), tmp_path / "manifest.json")
+    test_leaks = {(leak["kind"], Path(leak["test"]).name) for leak in manifest["leaks"] if "test" in leak}
+    assert ("exact", "copy_of_train.png") in test_leaks and ("near", "brighter_train.png") in test_leaks
+    assert "near-duplicate pairs" in capsys.readouterr().err
+
+    deduped = trainer.prepare_manifest(config_for(data, tmp_path, "--dedup"), tmp_path / "manifest.json")
+    test_names = {Path(rel).name for rel, _ in deduped["test"]}
+    assert not {"copy_of_train.png", "brighter_train.png"} & test_names
+    assert len(deduped["train"]) == len(manifest["train"])  # train keeps its copy
+
+
+@pytest.mark.parametrize("flag, value, complaint", [
+    ("--epochs", "-1", "must be a positive integer"),
+    ("--val-fraction", "1.5", "must lie strictly between 0 and 1"),
+    ("--device", "tpu", "invalid choice"),
+    ("--image-size", "16", "must be at least 32"),
+])
+def test_wrong_cli_values_fail_in_argparse(flag, value, complaint, capsys):
+    with pytest.raises(SystemExit) as error:
+        trainer.config_from_args([flag, value])
+    assert error.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err and complaint
+
+
+def test_outputs_inside_the_data_folder_are_refused(tmp_path, data):
+    with pytest.raises(SystemExit, match="inside the data folder"):
+        trainer.main(["--data-dir", str(data), "--checkpoint-dir", str(data / "ckpt"), *TINY])
+    manifest = tb_common.make_split_manifest(tb_common.discover_dataset(data), 0.2, 0.2, seed=0)
+    tb_common.write_json(manifest, tmp_path / "ckpt" / tb_common.MANIFEST_NAME)
+    model = tb_common.build_model("none")
+    tb_common.save_checkpoint(tb_common.checkpoint_dict(model, {}, 32), tmp_path / "ckpt" / "best.pth")
+    with pytest.raises(SystemExit, match="inside the data folder"):
+        gradcam.main(["--checkpoint", str(tmp_path / "ckpt" / "best.pth"), "--output-dir", str(data / "cams")])
+    assert not (data / "ckpt").exists() and not (data / "cams").exists()
+
+
+# --------------------------------------------------------------------------- security
+class RunsCodeOnLoad:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoints_that_would_run_code_are_refused_by_both_scripts(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"format": 1, "model": RunsCodeOnLoad(marker)}, evil)
+
+    for run in (lambda: trainer.main(["--resume", str(evil)]),
+                lambda: gradcam.main(["--checkpoint", str(evil)]),
+                lambda: tb_common.build_model(str(evil))):
+        with pytest.raises(SystemExit) as error:
+            run()
+        assert "safe, readable" in str(error.value.code)
+    assert not marker.exists()

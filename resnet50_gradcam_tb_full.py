@@ -124,8 +124,11 @@ def load_batch(samples, transform) -> torch.Tensor:
 
 
 def explain(model, target_layer, samples, checkpoint: dict, device, method: str, target: str,
-            batch_size: int, threshold: float = 0.5, score_faithfulness: bool = True) -> list[Explanation]:
-    """Predict and explain every (path, label) sample, batch by batch (road is NaN when not scored)."""
+            batch_size: int, score_faithfulness: bool = True) -> list[Explanation]:
+    """Predict and explain every (path, label) sample, batch by batch (road is NaN when not scored).
+
+    Predictions use the checkpoint's temperature and operating threshold (validation-chosen)."""
+    threshold = common.operating_threshold(checkpoint)
     transform = common.eval_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
     model = model.to(device).eval()
     explanations = []
@@ -133,7 +136,7 @@ def explain(model, target_layer, samples, checkpoint: dict, device, method: str,
         chunk = samples[start:start + batch_size]
         batch = load_batch(chunk, transform).to(device)
         with torch.no_grad():
-            probs = model(batch).float().softmax(dim=1)[:, common.POSITIVE_CLASS].cpu().numpy()
+            probs = common.tb_probability(model(batch), checkpoint.get("temperature", 1.0)).cpu().numpy()
         predicted = (probs >= threshold).astype(int)
         targets = [int(p) if target == "predicted" else common.CLASS_NAMES.index(target.capitalize()) for p in predicted]
         maps = compute_cams(model, target_layer, batch, targets, method)
@@ -171,19 +174,6 @@ def label_from_folder(path: Path) -> int:
     return names.index(path.parent.name.lower()) if path.parent.name.lower() in names else UNLABELLED
 
 
-def test_samples(checkpoint_path: Path, data_dir: str) -> list[tuple[str, int]]:
-    """The test images of the checkpoint's data: the organized test/ side or the saved split."""
-    manifest_path = checkpoint_path.parent / common.MANIFEST_NAME
-    if data_dir:
-        data = common.discover_dataset(data_dir)
-        if data.test is not None:
-            return data.test
-    if not manifest_path.is_file():
-        raise SystemExit(f"error: no {common.MANIFEST_NAME} beside {checkpoint_path}; pass --data-dir with a "
-                         "train/test layout, or --images FILE_OR_DIR")
-    return common.manifest_samples(common.read_json(manifest_path), "test", data_dir or None)
-
-
 def first_per_class(samples, count: int) -> list[tuple[str, int]]:
     chosen = []
     for label in sorted({label for _, label in samples}):
@@ -192,15 +182,6 @@ def first_per_class(samples, count: int) -> list[tuple[str, int]]:
 
 
 # --------------------------------------------------------------------------- figures and index
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def overlay(e: Explanation) -> np.ndarray:
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
@@ -215,7 +196,7 @@ def caption(e: Explanation) -> str:
 
 def render_explanation(e: Explanation, method: str, run_label: str, path: Path) -> None:
     """Original X-ray, heatmap with colour bar, and overlay, in one titled PNG."""
-    plt = pyplot()
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(11, 4))
     axes[0].imshow(e.rgb[..., 0], cmap="gray", vmin=0, vmax=1)
     axes[0].set_title("X-ray")
@@ -240,7 +221,7 @@ def render_grid(explanations: list[Explanation], method: str, run_label: str, pa
         cases = sorted((e for e in explanations if e.true_label == label), key=lambda e: not e.wrong)
         rows.append(cases[:per_class])
     columns = max(len(row) for row in rows)
-    plt = pyplot()
+    plt = common.pyplot()
     fig, axes = plt.subplots(len(rows), columns, figsize=(3 * columns, 3.3 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         for c in range(columns):
@@ -256,7 +237,7 @@ def render_grid(explanations: list[Explanation], method: str, run_label: str, pa
 
 
 def render_comparison(pair: tuple[Explanation, Explanation], labels: tuple[str, str], method: str, path: Path) -> None:
-    plt = pyplot()
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(11, 4))
     axes[0].imshow(pair[0].rgb[..., 0], cmap="gray", vmin=0, vmax=1)
     axes[0].set_title(f"X-ray (true: {label_name(pair[0].true_label)})")
@@ -290,9 +271,7 @@ def log_to_training_run(checkpoint: dict, paths: list[Path]) -> str:
     run_id, uri = checkpoint.get("mlflow_run_id"), checkpoint.get("tracking_uri", "")
     if not run_id or not uri:
         return "checkpoint names no MLflow run; files written locally only"
-    reachable = common.server_answers(uri) if uri.startswith("http") else (
-        not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file())
-    if not reachable:
+    if not common.store_reachable(uri):
         return f"MLflow store {uri} is not reachable from here; files written locally only"
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -327,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     if config.images:
         samples = samples_from_paths(config.images)
     else:
-        samples = first_per_class(test_samples(checkpoint_path, config.data_dir), config.num_images)
+        samples = first_per_class(common.test_samples(checkpoint_path, config.data_dir)[0], config.num_images)
     print(f"GradCAM ({config.method}) for {checkpoint_path} [{profile.gradcam_label}] on {len(samples)} images, device {device}")
     explanations = explain(model, model.layer4, samples, checkpoint, device, config.method, config.target, config.batch_size)
 

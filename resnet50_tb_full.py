@@ -57,6 +57,10 @@ class TrainConfig:
     deterministic: bool = field(default=False, metadata={"help": "deterministic kernels, so a resumed run repeats an uninterrupted one exactly"})
     strict: bool = field(default=False, metadata={"help": "stop on unreadable image files instead of skipping them"})
     dedup: bool = field(default=False, metadata={"help": "drop exact and near duplicates of training images from validation and test"})
+    temperature_scaling: bool = field(default=False, metadata={"help": "fit a softmax temperature on validation and store it in the checkpoint"})
+    test_only: bool = field(default=False, metadata={"help": "only evaluate the --resume checkpoint on --data-dir (metrics with 95% bootstrap CIs)"})
+    compare: list[str] = field(default_factory=list, metadata={"help": "evaluate two checkpoints on the same images and write reports/comparison.md", "nargs": 2, "metavar": "CKPT"})
+    bootstrap_resamples: int = field(default=1000, metadata={"help": "bootstrap resamples for confidence intervals", "type": common.positive_int})
 
 
 # Defaults that change with the mode; explicit flags still win over them.
@@ -74,7 +78,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     """Layer the config: dataclass defaults < mode defaults < resumed config < typed flags."""
-    given = vars(get_args_parser().parse_args(argv))
+    parser = get_args_parser()
+    given = vars(parser.parse_args(argv))
+    if given.get("test_only") and not given.get("resume"):
+        parser.error("--test-only needs --resume CKPT, the checkpoint to evaluate")
     layered: dict = {}
     if os.environ.get("TB_DATA_DIR"):
         layered["data_dir"] = os.environ["TB_DATA_DIR"]
@@ -191,22 +198,29 @@ class NonFiniteLossError(SystemExit):
 
 
 def evaluate(model, loader, device, amp_dtype=None) -> dict:
-    """Loss and classification metrics at threshold 0.5, plus the raw labels and probabilities."""
-    labels, probs, loss = common.predict_probabilities(model, loader, device, amp_dtype)
-    return {"loss": loss, **common.classification_metrics(labels, probs), "labels": labels, "probs": probs}
+    """Loss and classification metrics at threshold 0.5, plus the raw labels, logits and probabilities."""
+    labels, logits, loss = common.predict_logits(model, loader, device, amp_dtype)
+    probs = common.tb_probability(logits).numpy()
+    return {"loss": loss, **common.classification_metrics(labels, probs), "labels": labels, "logits": logits,
+            "probs": probs}
+
+
+def operating_points(val_results: dict, temperature_scaling: bool) -> dict:
+    """Temperature (optional) and thresholds chosen on the validation predictions."""
+    labels, logits = val_results["labels"], val_results["logits"]
+    temperature = common.fit_temperature(logits.numpy(), labels) if temperature_scaling else 1.0
+    probs = common.tb_probability(logits, temperature).numpy()
+    return {"temperature": temperature, "thresholds": common.select_thresholds(labels, probs)}
 
 
 def scalar_metrics(results: dict, prefix: str) -> dict[str, float]:
-    return {f"{prefix}_{k}": float(v) for k, v in results.items() if np.isscalar(v)}
+    return {f"{prefix}_{k}": float(v) for k, v in results.items() if np.isscalar(v) and np.isfinite(v)}
 
 
 # --------------------------------------------------------------------------- reports
 def save_test_figures(labels, probs, out_dir: Path) -> list[Path]:
     """Confusion matrix and ROC curve PNGs plus the sklearn classification report."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay, classification_report
 
     preds = (probs >= 0.5).astype(int)
@@ -337,9 +351,319 @@ def log_model(logger: common.RunLogger, model: nn.Module, image_size: int) -> No
               "it is in the best checkpoint; --resume logs it once the store answers", file=sys.stderr)
 
 
+# --------------------------------------------------------------------------- evaluation and comparison
+THRESHOLD_NAMES = {"default": "0.5", "youden": "Youden's J", "who_triage": "WHO triage"}
+REPORT_METRICS = ("accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity", "precision", "auc",
+                  "average_precision")
+
+
+def predict_checkpoint(checkpoint: dict, samples, device, batch_size: int, num_workers: int):
+    """Labels and (temperature-scaled) TB probabilities of a checkpoint on labelled samples."""
+    model = common.model_from_checkpoint(checkpoint).to(device)
+    transform = common.eval_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
+    loader = torch.utils.data.DataLoader(common.XrayDataset(samples, transform), batch_size=batch_size,
+                                         num_workers=num_workers)
+    labels, logits, _ = common.predict_logits(model, loader, device)
+    return labels, common.tb_probability(logits, checkpoint.get("temperature", 1.0)).numpy()
+
+
+def evaluation_report(labels, probs, thresholds: dict[str, float], resamples: int, seed: int) -> dict:
+    """Every metric with a 95% bootstrap CI at each stored threshold, plus calibration."""
+    from sklearn.metrics import brier_score_loss, confusion_matrix
+
+    report = {"n_images": int(len(labels)),
+              "class_counts": {name: int((labels == i).sum()) for i, name in enumerate(common.CLASS_NAMES)},
+              "bootstrap_resamples": resamples, "thresholds": {}}
+    draws = common.bootstrap_metrics(labels, probs, thresholds, resamples, seed)
+    for name, threshold in thresholds.items():
+        point = common.classification_metrics(labels, probs, threshold)
+        matrix = confusion_matrix(labels, (probs >= threshold).astype(int), labels=[0, 1])
+        report["thresholds"][name] = {"threshold": threshold, "metrics": common.with_intervals(point, draws[name]),
+                                      "confusion_matrix": matrix.tolist()}
+    if "who_triage" in report["thresholds"]:
+        metrics = report["thresholds"]["who_triage"]["metrics"]
+        report["who_triage"] = {
+            "sensitivity": metrics["sensitivity"]["value"], "specificity": metrics["specificity"]["value"],
+            "meets_sensitivity_target": metrics["sensitivity"]["value"] >= common.WHO_TRIAGE_SENSITIVITY,
+            "meets_minimum_specificity": metrics["specificity"]["value"] >= common.WHO_TRIAGE_MIN_SPECIFICITY}
+    report["calibration"] = {"brier_score": float(brier_score_loss(labels, probs)),
+                             "expected_calibration_error": common.expected_calibration_error(labels, probs)}
+    return report
+
+
+def format_interval(entry: dict) -> str:
+    return f"{entry['value']:.4f} [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
+
+
+def print_report(report: dict) -> None:
+    names = list(report["thresholds"])
+    print(f"{'metric (95% CI)':<20}" + "".join(
+        f"{THRESHOLD_NAMES.get(n, n) + ' t=' + format(report['thresholds'][n]['threshold'], '.3f'):<28}" for n in names))
+    for metric in REPORT_METRICS:
+        print(f"{metric:<20}" + "".join(f"{format_interval(report['thresholds'][n]['metrics'][metric]):<28}" for n in names))
+    if "who_triage" in report:
+        who = report["who_triage"]
+        print(f"WHO triage point: sensitivity {who['sensitivity']:.4f} (target 0.90 met: {who['meets_sensitivity_target']}), "
+              f"specificity {who['specificity']:.4f} (WHO minimum 0.70 met: {who['meets_minimum_specificity']})")
+    calibration = report["calibration"]
+    print(f"Calibration: Brier {calibration['brier_score']:.4f}, ECE {calibration['expected_calibration_error']:.4f}")
+
+
+def save_evaluation_figures(labels, probs, report: dict, prefix: Path, title: str) -> list[Path]:
+    """ROC with the operating points, precision-recall, confusion matrices, reliability diagram."""
+    plt = common.pyplot()
+    from sklearn.calibration import CalibrationDisplay
+    from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
+
+    paths = [Path(f"{prefix}_{kind}.png") for kind in ("roc", "pr", "confusion", "reliability")]
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    RocCurveDisplay.from_predictions(labels, probs, ax=ax, name="ResNet50")
+    for name, entry in report["thresholds"].items():
+        metrics = entry["metrics"]
+        ax.scatter(1 - metrics["specificity"]["value"], metrics["sensitivity"]["value"], zorder=3,
+                   label=f"{THRESHOLD_NAMES.get(name, name)} (t={entry['threshold']:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"ROC: {title}")
+    figures = [fig]
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    PrecisionRecallDisplay.from_predictions(labels, probs, ax=ax, name="ResNet50")
+    ax.set_title(f"Precision-recall: {title}")
+    figures.append(fig)
+    fig, axes = plt.subplots(1, len(report["thresholds"]), figsize=(4 * len(report["thresholds"]), 3.8), squeeze=False)
+    for ax, (name, entry) in zip(axes[0], report["thresholds"].items()):
+        ConfusionMatrixDisplay.from_predictions(labels, (probs >= entry["threshold"]).astype(int), labels=[0, 1],
+                                                display_labels=common.CLASS_NAMES, ax=ax, colorbar=False)
+        ax.set_title(f"{THRESHOLD_NAMES.get(name, name)} (t={entry['threshold']:.3f})", fontsize=9)
+    fig.suptitle(f"Confusion matrices: {title}")
+    figures.append(fig)
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    CalibrationDisplay.from_predictions(labels, probs, n_bins=10, ax=ax, name="ResNet50")
+    ax.set_title(f"Reliability: Brier {report['calibration']['brier_score']:.3f}, "
+                 f"ECE {report['calibration']['expected_calibration_error']:.3f}")
+    figures.append(fig)
+    for fig, path in zip(figures, paths):
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def training_curves_figure(checkpoint: dict, path: Path) -> Path | None:
+    """Loss and validation AUC per epoch, read back from the checkpoint's MLflow run."""
+    uri, run_id = checkpoint.get("tracking_uri", ""), checkpoint.get("mlflow_run_id", "")
+    if not run_id or not common.store_reachable(uri):
+        print(f"Training curves: MLflow run {run_id or '?'} not reachable at {uri or '?'}; skipped")
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    plt = common.pyplot()
+    fig, (loss_ax, auc_ax) = plt.subplots(1, 2, figsize=(9, 3.8))
+    for key, ax in (("train_loss", loss_ax), ("val_loss", loss_ax), ("val_auc", auc_ax)):
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        ax.plot([m.step for m in history], [m.value for m in history], marker="o", label=key)
+    for ax, name in ((loss_ax, "loss"), (auc_ax, "validation ROC AUC")):
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def log_evaluation_run(tracking_uri: str, experiment: str, run_name: str, tags: dict, metrics: dict,
+                       paths: list[Path]) -> str:
+    """A new MLflow run holding an evaluation or comparison, tagged with the runs it is about."""
+    from mlflow.entities import Metric, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, run_name=run_name)
+    now = int(time.time() * 1000)
+    client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if np.isfinite(v)],
+                     tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    for path in paths:
+        client.log_artifact(run.info.run_id, str(path))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def report_metrics(report: dict) -> dict[str, float]:
+    flat = {}
+    for name, entry in report["thresholds"].items():
+        for metric, value in entry["metrics"].items():
+            flat |= {f"{name}_{metric}": value["value"], f"{name}_{metric}_ci_low": value["ci_low"],
+                     f"{name}_{metric}_ci_high": value["ci_high"]}
+    return flat | report["calibration"]
+
+
+def test_only(config: TrainConfig) -> dict:
+    """--test-only: evaluate one checkpoint on one labelled folder, with intervals and figures."""
+    checkpoint_path = Path(config.resume)
+    checkpoint = common.load_checkpoint(checkpoint_path)
+    samples, source = common.test_samples(checkpoint_path, config.data_dir)
+    device = common.resolve_device(config.device)
+    name = Path(config.data_dir).resolve().name if config.data_dir else "test"
+    print(f"Evaluating {checkpoint_path} on {len(samples)} images: {source}")
+    labels, probs = predict_checkpoint(checkpoint, samples, device, config.batch_size * 2, config.num_workers)
+    print(common.format_results("Test", common.classification_metrics(labels, probs)))
+    report = evaluation_report(labels, probs, checkpoint.get("thresholds", {"default": 0.5}),
+                               config.bootstrap_resamples, config.seed)
+    report |= {"checkpoint": str(checkpoint_path), "data": source, "temperature": checkpoint.get("temperature", 1.0),
+               "training_run_id": checkpoint.get("mlflow_run_id", "")}
+    print_report(report)
+    out = checkpoint_path.parent / f"eval_{name}"
+    json_path = Path(f"{out}.json")
+    common.write_json(report, json_path)
+    paths = [json_path, *save_evaluation_figures(labels, probs, report, out, name)]
+    curves = training_curves_figure(checkpoint, Path(f"{out}_training_curves.png"))
+    paths += [curves] if curves else []
+    profile = common.profile_for(checkpoint["config"].get("freeze_features", False))
+    tracking_uri, _ = common.resolve_tracking_uri(config.tracking_uri, profile.port)
+    run_id = log_evaluation_run(tracking_uri, checkpoint["config"].get("experiment", profile.experiment),
+                                f"eval-{name}", {"training_run_id": report["training_run_id"],
+                                                 "checkpoint": checkpoint_path, "data": source},
+                                report_metrics(report), paths)
+    print(f"Wrote {json_path} and {len(paths) - 1} figures; MLflow evaluation run {run_id} ({tracking_uri})")
+    return report
+
+
+def paired_auc_difference(labels, probs_a, probs_b, resamples: int, seed: int) -> dict[str, float]:
+    """AUC(B) - AUC(A) on the same images, with a paired stratified bootstrap CI and two-sided p-value
+    (DeLong's test is in no maintained Python library we depend on)."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.utils import resample
+
+    rng = np.random.RandomState(seed)
+    index = np.arange(len(labels))
+    differences = []
+    for _ in range(resamples):
+        i = resample(index, stratify=labels, random_state=rng)
+        differences.append(roc_auc_score(labels[i], probs_b[i]) - roc_auc_score(labels[i], probs_a[i]))
+    differences = np.asarray(differences)
+    low, high = np.percentile(differences, [2.5, 97.5])
+    p_value = min(1.0, 2 * min((differences <= 0).mean(), (differences >= 0).mean()))
+    return {"difference": float(roc_auc_score(labels, probs_b) - roc_auc_score(labels, probs_a)),
+            "ci_low": float(low), "ci_high": float(high), "p_value": float(p_value)}
+
+
+def training_facts(checkpoint_path: Path, checkpoint: dict) -> dict:
+    """Time, epochs and memory of the whole training run (summary.json beside it, when present)."""
+    summary_path = checkpoint_path.parent / common.SUMMARY_NAME
+    summary = common.read_json(summary_path) if summary_path.is_file() else {}
+    return {"trainable_parameters": checkpoint.get("trainable_parameters", 0),
+            "train_seconds": summary.get("train_seconds", checkpoint.get("train_seconds", float("nan"))),
+            "epochs_trained": summary.get("epochs_trained", checkpoint.get("epoch", 0)),
+            "best_epoch": checkpoint.get("best_epoch", 0),
+            "peak_memory_mb": summary.get("peak_memory_mb", checkpoint.get("peak_memory_mb", float("nan")))}
+
+
+def gradcam_row(labels: list[str], out: Path) -> Path | None:
+    """Both models' GradCAM summary grids side by side, when both exist."""
+    grids = [Path(common.TRANSFER_LEARNING.gradcam_dir if label == common.TRANSFER_LEARNING.gradcam_label
+                  else common.FULL_TRAINING.gradcam_dir) / f"gradcam_summary_{label}.png" for label in labels]
+    if not all(grid.is_file() for grid in grids):
+        return None
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(16, 5))
+    for ax, grid, label in zip(axes, grids, labels):
+        ax.imshow(plt.imread(grid))
+        ax.set_title(label)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def compare_checkpoints(config: TrainConfig) -> dict:
+    """--compare A B: both checkpoints on the same images; reports/comparison.md plus figures."""
+    paths = [Path(p) for p in config.compare]
+    checkpoints = [common.load_checkpoint(p) for p in paths]
+    samples, source = common.test_samples(paths[0], config.data_dir)
+    device = common.resolve_device(config.device)
+    labels_of = [common.profile_for(c["config"].get("freeze_features", False)).gradcam_label for c in checkpoints]
+    names = [f"{label} ({path.name})" for label, path in zip(labels_of, paths)]
+    print(f"Comparing {names[0]} and {names[1]} on {len(samples)} images: {source}")
+    results = []
+    for checkpoint in checkpoints:
+        labels, probs = predict_checkpoint(checkpoint, samples, device, config.batch_size * 2, config.num_workers)
+        report = evaluation_report(labels, probs, {"default": 0.5, **checkpoint.get("thresholds", {})},
+                                   config.bootstrap_resamples, config.seed)
+        results.append({"probs": probs, "report": report})
+    auc_test = paired_auc_difference(labels, results[0]["probs"], results[1]["probs"],
+                                     config.bootstrap_resamples, config.seed)
+    report_dir = Path("reports")
+    report_dir.mkdir(exist_ok=True)
+    figures = [report_dir / "comparison_roc.png"]
+    plt = common.pyplot()
+    from sklearn.metrics import RocCurveDisplay
+
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for name, result in zip(names, results):
+        RocCurveDisplay.from_predictions(labels, result["probs"], ax=ax, name=name)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_title(f"ROC on the same {len(labels)} images (p = {auc_test['p_value']:.3f})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(figures[0], dpi=110)
+    plt.close(fig)
+    cams = gradcam_row(labels_of, report_dir / "comparison_gradcam.png")
+    figures += [cams] if cams else []
+
+    facts = [training_facts(p, c) for p, c in zip(paths, checkpoints)]
+    rows = [("Trainable parameters", [f"{f['trainable_parameters']:,}" for f in facts]),
+            ("Training time (wall clock)", [f"{f['train_seconds']:.1f} s" for f in facts]),
+            ("Epochs to best (of trained)", [f"{f['best_epoch']} of {f['epochs_trained']}" for f in facts]),
+            ("Peak memory (GPU allocated on CUDA, else process RSS)", [f"{f['peak_memory_mb']:.0f} MB" for f in facts])]
+    for metric in REPORT_METRICS:
+        where = "threshold-free" if metric in common.THRESHOLD_FREE_METRICS else "at 0.5"
+        rows.append((f"{metric} {where} (95% CI)", [format_interval(r["report"]["thresholds"]["default"]["metrics"][metric])
+                                                    for r in results]))
+    for r_name, threshold in (("Youden's J", "youden"), ("WHO triage", "who_triage")):
+        if all(threshold in r["report"]["thresholds"] for r in results):
+            rows.append((f"sensitivity / specificity at {r_name} (validation-chosen t)", [
+                f"{r['report']['thresholds'][threshold]['metrics']['sensitivity']['value']:.4f} / "
+                f"{r['report']['thresholds'][threshold]['metrics']['specificity']['value']:.4f} "
+                f"(t={r['report']['thresholds'][threshold]['threshold']:.3f})" for r in results]))
+    rows.append(("Brier score / ECE", [f"{r['report']['calibration']['brier_score']:.4f} / "
+                                       f"{r['report']['calibration']['expected_calibration_error']:.4f}" for r in results]))
+    lines = [f"# Transfer learning vs full training: {names[0]} vs {names[1]}", "",
+             f"Evaluated on the same {len(labels)} images ({source}); "
+             f"{config.bootstrap_resamples} stratified bootstrap resamples, seed {config.seed}.", "",
+             f"| Aspect | {names[0]} | {names[1]} |", "|---|---|---|"]
+    lines += [f"| {aspect} | {a} | {b} |" for aspect, (a, b) in rows]
+    lines += ["", f"ROC AUC difference (B - A): {auc_test['difference']:+.4f} "
+                  f"[{auc_test['ci_low']:+.4f}, {auc_test['ci_high']:+.4f}], paired bootstrap p = {auc_test['p_value']:.3f}",
+              "", "![ROC curves](comparison_roc.png)"]
+    if cams:
+        lines += ["", "![GradCAM summaries side by side](comparison_gradcam.png)"]
+    report_path = report_dir / "comparison.md"
+    report_path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[4:-2]))
+    comparison = {"checkpoints": [str(p) for p in paths], "data": source, "auc_difference": auc_test,
+                  "reports": [r["report"] for r in results], "training": facts}
+    common.write_json(comparison, report_dir / "comparison.json")
+    tracking_uri, _ = common.resolve_tracking_uri(config.tracking_uri, common.FULL_TRAINING.port)
+    run_id = log_evaluation_run(
+        tracking_uri, "ResNet50_TB_Comparison", "comparison",
+        {"run_a": checkpoints[0].get("mlflow_run_id", ""), "run_b": checkpoints[1].get("mlflow_run_id", "")},
+        {"auc_difference": auc_test["difference"], "auc_difference_p_value": auc_test["p_value"]},
+        [report_path, report_dir / "comparison.json", *figures])
+    print(f"Wrote {report_path}; MLflow run {run_id} ({tracking_uri})")
+    return comparison
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     config = config_from_args(argv)
+    if config.compare:
+        return compare_checkpoints(config)
+    if config.test_only:
+        return test_only(config)
     if config.demo and config.data_dir == common.DEMO_DATA_DIR:
         common.make_demo_dataset(config.data_dir)
         print(f"Demo: SYNTHETIC chest X-rays in {config.data_dir}/ (not real data)")
@@ -377,7 +701,8 @@ def main(argv: list[str] | None = None) -> dict:
           + ", ".join(f"{side} {len(manifest[side])}" for side in ("train", "val", "test")) + " images")
 
     state = {"epoch": 0, "best_score": [-1.0, -float("inf")], "best_epoch": 0, "stale_epochs": 0,
-             "history": [], "train_seconds": 0.0, "completed": False}
+             "history": [], "train_seconds": 0.0, "completed": False, "thresholds": {"default": 0.5},
+             "temperature": 1.0, "peak_memory_mb": 0.0}
     if resumed:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
@@ -419,6 +744,7 @@ def main(argv: list[str] | None = None) -> dict:
             scheduler.step(val_results["loss"])
             state["train_seconds"] += time.perf_counter() - started
             state["epoch"] = epoch
+            state["peak_memory_mb"] = max(state["peak_memory_mb"], common.peak_memory_mb(device))
 
             print(f"Epoch {epoch}: Loss={train_results['loss']:.4f}, Train Acc={train_results['accuracy']:.4f}, "
                   f"Backbone LR={lrs.get('backbone', 0.0):.2e}, Classifier LR={lrs['classifier']:.2e}")
@@ -429,7 +755,8 @@ def main(argv: list[str] | None = None) -> dict:
 
             score = [val_results["auc"] if np.isfinite(val_results["auc"]) else 0.0, -val_results["loss"]]
             if score > state["best_score"]:
-                state.update(best_score=score, best_epoch=epoch, stale_epochs=0)
+                state.update(best_score=score, best_epoch=epoch, stale_epochs=0,
+                             **operating_points(val_results, config.temperature_scaling))
                 common.save_checkpoint(checkpoint(include_training_state=False), best_path)
             else:
                 state["stale_epochs"] += 1
@@ -466,7 +793,8 @@ def main(argv: list[str] | None = None) -> dict:
         logger.log_artifact(path, artifact_path="test")
     summary = {
         "test_metrics": test_metrics, "best_epoch": best["best_epoch"], "epochs_trained": state["epoch"],
-        "train_seconds": state["train_seconds"], "trainable_parameters": common.count_trainable(model),
+        "train_seconds": state["train_seconds"], "peak_memory_mb": state["peak_memory_mb"],
+        "trainable_parameters": common.count_trainable(model),
         "best_checkpoint": str(best_path), "last_checkpoint": str(last_path),
         "split_manifest": str(manifest_path), "mlflow_run_id": logger.run_id, "tracking_uri": logger.tracking_uri,
         "experiment": config.experiment, "config": asdict(config),

@@ -179,6 +179,15 @@ def autocast_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None
     return torch.bfloat16
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on CUDA; peak process RSS elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -288,6 +297,26 @@ def make_split_manifest(data: DataSplit, val_fraction: float, test_fraction: flo
 def manifest_samples(manifest: dict, side: str, data_dir: str | Path | None = None) -> list[tuple[str, int]]:
     root = Path(data_dir or manifest["data_dir"])
     return [(str(root / rel), int(label)) for rel, label in manifest[side]]
+
+
+def test_samples(checkpoint_path: Path, data_dir: str = "") -> tuple[list[tuple[str, int]], str]:
+    """The labelled images to test a checkpoint on, and where they come from.
+
+    An organized DIR gives its test/ side. A raw DIR that the checkpoint was trained on gives
+    the test side of the split manifest beside the checkpoint; any other raw DIR (an external
+    hospital's Normal/Tuberculosis folders) is used whole. No DIR: the manifest's test side."""
+    manifest_path = Path(checkpoint_path).parent / MANIFEST_NAME
+    manifest = read_json(manifest_path) if manifest_path.is_file() else None
+    if data_dir:
+        data = discover_dataset(data_dir)
+        if data.test is not None:
+            return data.test, f"test/ side of {data.root}"
+        if manifest is None or Path(manifest["data_dir"]) != data.root:
+            return data.train, f"all of {data.root} (external test set)"
+    if manifest is None:
+        raise SystemExit(f"error: no {MANIFEST_NAME} beside {checkpoint_path}; pass --data-dir with a "
+                         "train/test layout or a labelled Normal/Tuberculosis folder")
+    return manifest_samples(manifest, "test"), f"test side of {manifest_path}"
 
 
 def write_json(obj, path: Path) -> None:
@@ -558,21 +587,108 @@ def model_from_checkpoint(checkpoint: dict) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- metrics
-def classification_metrics(labels, probs, threshold: float = 0.5) -> dict[str, float]:
-    """Accuracy, F1, sensitivity (TB recall), specificity (Normal recall) and ROC AUC."""
-    from imblearn.metrics import specificity_score
-    from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_score
+THRESHOLD_FREE_METRICS = ("auc", "average_precision")
+WHO_TRIAGE_SENSITIVITY = 0.90  # WHO target product profile for a TB triage test
+WHO_TRIAGE_MIN_SPECIFICITY = 0.70
 
-    labels = np.asarray(labels)
-    preds = (np.asarray(probs) >= threshold).astype(int)
+
+def threshold_metrics(labels, preds) -> dict[str, float]:
+    """Metrics of hard predictions; TB is positive: sensitivity is TB recall, specificity Normal recall."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, precision_recall_fscore_support
+
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, preds, labels=[0, 1], zero_division=0)
     both_classes = len(np.unique(labels)) == 2
     return {
         "accuracy": float(accuracy_score(labels, preds)),
-        "f1": float(f1_score(labels, preds, zero_division=0)),
-        "sensitivity": float(recall_score(labels, preds, zero_division=0)),
-        "specificity": float(specificity_score(labels, preds, pos_label=POSITIVE_CLASS)),
-        "auc": float(roc_auc_score(labels, probs)) if both_classes else float("nan"),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, preds)) if both_classes else float("nan"),
+        "f1": float(f1[POSITIVE_CLASS]),
+        "sensitivity": float(recall[POSITIVE_CLASS]),
+        "specificity": float(recall[1 - POSITIVE_CLASS]),
+        "precision": float(precision[POSITIVE_CLASS]),
     }
+
+
+def ranking_metrics(labels, probs) -> dict[str, float]:
+    """Threshold-free metrics: ROC AUC and average precision (NaN when one class is missing)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    if len(np.unique(labels)) < 2:
+        return {"auc": float("nan"), "average_precision": float("nan")}
+    return {"auc": float(roc_auc_score(labels, probs)), "average_precision": float(average_precision_score(labels, probs))}
+
+
+def classification_metrics(labels, probs, threshold: float = 0.5) -> dict[str, float]:
+    labels, probs = np.asarray(labels), np.asarray(probs)
+    return threshold_metrics(labels, (probs >= threshold).astype(int)) | ranking_metrics(labels, probs)
+
+
+def bootstrap_metrics(labels, probs, thresholds: dict[str, float], resamples: int = 1000,
+                      seed: int = 0) -> dict[str, list[dict]]:
+    """classification_metrics at each threshold on the same seeded, class-stratified resamples."""
+    import sklearn
+    from sklearn.utils import resample
+
+    labels, probs = np.asarray(labels), np.asarray(probs)
+    rng = np.random.RandomState(seed)
+    index = np.arange(len(labels))
+    draws = {name: [] for name in thresholds}
+    with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):  # inputs checked once above
+        for _ in range(resamples):
+            i = resample(index, stratify=labels, random_state=rng)
+            ranking = ranking_metrics(labels[i], probs[i])
+            for name, threshold in thresholds.items():
+                draws[name].append(threshold_metrics(labels[i], (probs[i] >= threshold).astype(int)) | ranking)
+    return draws
+
+
+def with_intervals(point: dict[str, float], draws: list[dict], confidence: float = 0.95) -> dict[str, dict]:
+    """{metric: {"value", "ci_low", "ci_high"}}: percentile intervals of the bootstrap draws."""
+    tail = 100 * (1 - confidence) / 2
+    out = {}
+    for name, value in point.items():
+        low, high = np.nanpercentile([d[name] for d in draws], [tail, 100 - tail])
+        out[name] = {"value": value, "ci_low": float(low), "ci_high": float(high)}
+    return out
+
+
+def select_thresholds(labels, probs) -> dict[str, float]:
+    """Operating points chosen on validation data: 0.5, Youden's J, and the WHO triage point
+    (the highest threshold whose sensitivity reaches 0.90, i.e. the best specificity there)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thresholds = roc_curve(labels, probs)
+    thresholds = np.minimum(thresholds, 1.0)  # roc_curve's first threshold is +inf
+    who = int(np.nonzero(tpr >= WHO_TRIAGE_SENSITIVITY)[0][0])
+    return {"default": 0.5, "youden": float(thresholds[np.argmax(tpr - fpr)]), "who_triage": float(thresholds[who])}
+
+
+def operating_threshold(checkpoint: dict) -> float:
+    """The threshold predictions use: Youden's J from validation when stored, else 0.5."""
+    return float(checkpoint.get("thresholds", {}).get("youden", 0.5))
+
+
+def tb_probability(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    return (logits.float() / temperature).softmax(dim=1)[:, POSITIVE_CLASS]
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature scaling (Guo et al. 2017): the T minimising validation NLL of softmax(logits / T)."""
+    from scipy.optimize import minimize_scalar
+
+    logits_t, labels_t = torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(labels)
+
+    def nll(temperature: float) -> float:
+        return float(nn.functional.cross_entropy(logits_t / temperature, labels_t))
+
+    return float(minimize_scalar(nll, bounds=(0.05, 20.0), method="bounded").x)
+
+
+def expected_calibration_error(labels, probs, bins: int = 10) -> float:
+    """ECE over equal-width bins of the TB probability (no library function exists for it)."""
+    labels, probs = np.asarray(labels), np.asarray(probs)
+    which = np.minimum((probs * bins).astype(int), bins - 1)
+    return float(sum(abs(labels[which == b].mean() - probs[which == b].mean()) * (which == b).mean()
+                     for b in range(bins) if (which == b).any()))
 
 
 def format_results(prefix: str, metrics: dict[str, float]) -> str:
@@ -582,20 +698,19 @@ def format_results(prefix: str, metrics: dict[str, float]) -> str:
 
 
 @torch.no_grad()
-def predict_probabilities(model: nn.Module, loader, device: torch.device, amp_dtype=None):
-    """Labels, TB probabilities and mean cross-entropy over a loader."""
+def predict_logits(model: nn.Module, loader, device: torch.device, amp_dtype=None):
+    """Labels, float32 logits and mean cross-entropy over a loader."""
     model.eval()
-    labels, probs, loss_sum = [], [], torch.zeros((), device=device)
+    labels, logits, loss_sum = [], [], torch.zeros((), device=device)
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images)
-        logits = logits.float()
-        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum")
-        probs.append(logits.softmax(dim=1)[:, POSITIVE_CLASS])
+            batch_logits = model(images).float()
+        loss_sum += nn.functional.cross_entropy(batch_logits, targets, reduction="sum")
+        logits.append(batch_logits)
         labels.append(targets)
     labels = torch.cat(labels).cpu().numpy()
-    return labels, torch.cat(probs).cpu().numpy(), float(loss_sum) / max(1, len(labels))
+    return labels, torch.cat(logits).cpu(), float(loss_sum) / max(1, len(labels))
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -609,6 +724,25 @@ def server_answers(uri: str, timeout: float = 1.0) -> bool:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+def store_reachable(uri: str) -> bool:
+    """Whether an MLflow store can be used from here: a server that answers, or an existing sqlite file."""
+    if uri.startswith(("http://", "https://")):
+        return server_answers(uri)
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).is_file()
+    return bool(uri)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def resolve_tracking_uri(explicit: str, port: int) -> tuple[str, str]:

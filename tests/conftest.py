@@ -86,3 +86,17 @@ def mlflow_server(tmp_path_factory):
     process = start_mlflow_server(store, port)
     yield f"http://127.0.0.1:{port}"
     stop_process_group(process)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One tiny 2-epoch training run (temperature scaling on), shared by the evaluation tests."""
+    import resnet50_tb_full
+
+    root = tmp_path_factory.mktemp("trained_run")
+    data = make_organized(root / "data", train=16, test=6, size=40)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    resnet50_tb_full.main(["--data-dir", str(data), "--checkpoint-dir", str(root / "ckpt"), "--tracking-uri", uri,
+                           "--epochs", "2", "--image-size", "32", "--batch-size", "8", "--num-workers", "0",
+                           "--weights", "none", "--temperature-scaling", "--val-fraction", "0.3"])
+    return {"root": root, "data": data, "uri": uri, "best": root / "ckpt" / "best_resnet50_tb_full_trained.pth"}

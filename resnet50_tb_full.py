@@ -60,6 +60,8 @@ class TrainConfig:
     temperature_scaling: bool = field(default=False, metadata={"help": "fit a softmax temperature on validation and store it in the checkpoint"})
     test_only: bool = field(default=False, metadata={"help": "only evaluate the --resume checkpoint on --data-dir (metrics with 95% bootstrap CIs)"})
     compare: list[str] = field(default_factory=list, metadata={"help": "evaluate two checkpoints on the same images and write reports/comparison.md", "nargs": 2, "metavar": "CKPT"})
+    fast_data: bool = field(default=True, metadata={"help": "decode images once into a uint8 cache and augment batches on the device (--no-fast-data: per-image PIL transforms)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (slow start, faster steps on GPUs)"})
     bootstrap_resamples: int = field(default=1000, metadata={"help": "bootstrap resamples for confidence intervals", "type": common.positive_int})
 
 
@@ -136,21 +138,40 @@ class EpochSampler(torch.utils.data.Sampler[tuple[int, int]]):
 
 
 def make_loaders(manifest: dict, config: TrainConfig, device: torch.device):
+    """Train, validation and test loaders: the fast cached/device path, or per-image PIL transforms."""
     train = common.manifest_samples(manifest, "train")
     size = config.image_size
     sampler = EpochSampler([label for _, label in train], config.seed, config.balance == "oversample")
+    drop_last = len(sampler) > config.batch_size
+    sides = {side: common.manifest_samples(manifest, side) for side in ("val", "test")}
+    eval_batch = max(config.batch_size * 4, 64)  # no gradients: larger batches are free
+    if config.fast_data:
+        cache_dir = Path(config.checkpoint_dir) / "cache"
+        workers = max(2, config.num_workers)
+        pin = device.type == "cuda"
+
+        def cached(samples, cache_size, batch_size, sampler=None, drop=False):
+            cache = common.decoded_cache([p for p, _ in samples], cache_size, cache_dir, workers)
+            return common.CachedBatches(cache, [label for _, label in samples], batch_size, sampler, drop, pin)
+
+        channels_last = device.type == "cuda"
+        train_loader = common.DeviceBatches(
+            cached(train, common.train_cache_size(size), config.batch_size, sampler, drop_last), device, size,
+            augment=True, channels_last=channels_last)
+        val_loader, test_loader = (common.DeviceBatches(cached(sides[side], size, eval_batch), device, size,
+                                                        augment=False, channels_last=channels_last)
+                                   for side in ("val", "test"))
+        return train_loader, val_loader, test_loader
     loader_args = dict(num_workers=config.num_workers, pin_memory=device.type == "cuda",
                        persistent_workers=config.num_workers > 0)
     train_loader = torch.utils.data.DataLoader(
         common.XrayDataset(train, common.train_transform(size)), batch_size=config.batch_size,
-        sampler=sampler, drop_last=len(sampler) > config.batch_size, **loader_args)
-    eval_loaders = {
-        side: torch.utils.data.DataLoader(
-            common.XrayDataset(common.manifest_samples(manifest, side), common.eval_transform(size)),
-            batch_size=config.batch_size * 2, shuffle=False, **loader_args)
-        for side in ("val", "test")
-    }
-    return train_loader, eval_loaders["val"], eval_loaders["test"]
+        sampler=sampler, drop_last=drop_last, **loader_args)
+    val_loader, test_loader = (
+        torch.utils.data.DataLoader(common.XrayDataset(sides[side], common.eval_transform(size)),
+                                    batch_size=eval_batch, shuffle=False, **loader_args)
+        for side in ("val", "test"))
+    return train_loader, val_loader, test_loader
 
 
 def loss_function(config: TrainConfig, train_labels: list[int], device: torch.device) -> nn.Module:
@@ -164,19 +185,27 @@ def loss_function(config: TrainConfig, train_labels: list[int], device: torch.de
 
 # --------------------------------------------------------------------------- train / evaluate
 def train_one_epoch(model, loader, criterion, optimizer, scaler, device, amp_dtype=None, epoch: int = 0) -> dict:
-    """One pass over the training loader; returns mean loss and accuracy."""
+    """One pass over the training loader: mean loss and accuracy, images/s and the share of
+    time spent waiting for data. Nothing here waits for the device until the epoch ends."""
     model.train()
     loss_sum = torch.zeros((), device=device)  # running sums stay on the device: no per-step sync
     correct = torch.zeros((), device=device, dtype=torch.long)
+    first_bad_batch = torch.full((), -1, device=device, dtype=torch.long)
+    bad_loss = torch.zeros((), device=device)
     seen = skipped_steps = 0
-    progress = tqdm(loader, desc=f"Epoch {epoch} train", unit="batch", leave=False, dynamic_ncols=True)
+    data_wait = 0.0
+    progress = tqdm(loader, desc=f"Epoch {epoch} train", unit="img", unit_scale=loader.batch_size, leave=False,
+                    dynamic_ncols=True)
+    started = fetch_started = time.perf_counter()
     for batch_index, (images, targets) in enumerate(progress, start=1):
+        data_wait += time.perf_counter() - fetch_started
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images)
             loss = criterion(logits.float(), targets)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(epoch, batch_index, loss.item())
+        newly_bad = ~torch.isfinite(loss.detach()) & (first_bad_batch < 0)
+        first_bad_batch = torch.where(newly_bad, batch_index, first_bad_batch)
+        bad_loss = torch.where(newly_bad, loss.detach(), bad_loss)
         optimizer.zero_grad(set_to_none=True)
         scale_before = scaler.get_scale() if scaler.is_enabled() else 0.0
         scaler.scale(loss).backward()
@@ -187,7 +216,12 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, device, amp_dty
         loss_sum += loss.detach() * len(targets)
         correct += (logits.argmax(dim=1) == targets).sum()
         seen += len(targets)
-    return {"loss": float(loss_sum) / seen, "accuracy": float(correct) / seen, "skipped_steps": int(skipped_steps)}
+        fetch_started = time.perf_counter()
+    if int(first_bad_batch) >= 0:  # the one host read of the epoch
+        raise NonFiniteLossError(epoch, int(first_bad_batch), float(bad_loss))
+    elapsed = time.perf_counter() - started
+    return {"loss": float(loss_sum) / seen, "accuracy": float(correct) / seen, "skipped_steps": int(skipped_steps),
+            "images_per_second": seen / elapsed, "data_wait_fraction": data_wait / elapsed}
 
 
 class NonFiniteLossError(SystemExit):
@@ -693,12 +727,15 @@ def main(argv: list[str] | None = None) -> dict:
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = not config.deterministic
     optimizer = common.build_optimizer(model, config.lr, config.backbone_lr_mult)
+    step_model = torch.compile(model) if config.compile else model  # checkpoints keep the plain model's keys
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=config.scheduler_patience)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = loss_function(config, train_labels, device)
     print_header(config, device, model, optimizer)
     print(f"Data: {manifest['layout']} layout in {manifest['data_dir']}; "
-          + ", ".join(f"{side} {len(manifest[side])}" for side in ("train", "val", "test")) + " images")
+          + ", ".join(f"{side} {len(manifest[side])}" for side in ("train", "val", "test")) + " images; "
+          + ("decoded once into a cache, augmented in batches on the device" if config.fast_data
+             else "per-image PIL transforms"))
 
     state = {"epoch": 0, "best_score": [-1.0, -float("inf")], "best_epoch": 0, "stale_epochs": 0,
              "history": [], "train_seconds": 0.0, "completed": False, "thresholds": {"default": 0.5},
@@ -738,8 +775,8 @@ def main(argv: list[str] | None = None) -> dict:
         for epoch in range(state["epoch"] + 1, config.epochs + 1):
             train_loader.sampler.set_epoch(epoch)
             started = time.perf_counter()
-            train_results = train_one_epoch(model, train_loader, criterion, optimizer, scaler, device, amp_dtype, epoch)
-            val_results = evaluate(model, val_loader, device, amp_dtype)
+            train_results = train_one_epoch(step_model, train_loader, criterion, optimizer, scaler, device, amp_dtype, epoch)
+            val_results = evaluate(step_model, val_loader, device, amp_dtype)
             lrs = common.group_lrs(optimizer)  # the rates this epoch trained with
             scheduler.step(val_results["loss"])
             state["train_seconds"] += time.perf_counter() - started

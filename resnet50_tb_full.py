@@ -60,6 +60,8 @@ class TrainConfig:
     temperature_scaling: bool = field(default=False, metadata={"help": "fit a softmax temperature on validation and store it in the checkpoint"})
     test_only: bool = field(default=False, metadata={"help": "only evaluate the --resume checkpoint on --data-dir (metrics with 95% bootstrap CIs)"})
     compare: list[str] = field(default_factory=list, metadata={"help": "evaluate two checkpoints on the same images and write reports/comparison.md", "nargs": 2, "metavar": "CKPT"})
+    lr_scale: str = field(default="linear", metadata={"help": "under torchrun, multiply the learning rates by the number of processes (linear) or not", "choices": ["linear", "none"]})
+    sync_bn: bool = field(default=False, metadata={"help": "under torchrun on CUDA, synchronise BatchNorm statistics across GPUs"})
     fast_data: bool = field(default=True, metadata={"help": "decode images once into a uint8 cache and augment batches on the device (--no-fast-data: per-image PIL transforms)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (slow start, faster steps on GPUs)"})
     bootstrap_resamples: int = field(default=1000, metadata={"help": "bootstrap resamples for confidence intervals", "type": common.positive_int})
@@ -107,8 +109,9 @@ class EpochSampler(torch.utils.data.Sampler[tuple[int, int]]):
     resumed run sees the same batches and the same augmentations, with any worker count.
     """
 
-    def __init__(self, labels: list[int], seed: int, oversample: bool):
-        self.labels, self.seed, self.oversample = np.asarray(labels), seed, oversample
+    def __init__(self, labels: list[int], seed: int, oversample: bool,
+                 ctx: common.DistributedContext = common.DistributedContext()):
+        self.labels, self.seed, self.oversample, self.ctx = np.asarray(labels), seed, oversample, ctx
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -129,19 +132,21 @@ class EpochSampler(torch.utils.data.Sampler[tuple[int, int]]):
         indices = self.epoch_indices()
         generator = torch.Generator().manual_seed(10_000 * self.seed + self.epoch + 1)
         seeds = torch.randint(2**31 - 1, (len(indices),), generator=generator)
-        return iter(zip(indices.tolist(), seeds.tolist()))
+        # Every rank draws the same epoch order and takes its own disjoint share of it.
+        return iter(common.shard(list(zip(indices.tolist(), seeds.tolist())), self.ctx))
 
     def __len__(self) -> int:
-        if self.oversample:
-            return int(np.bincount(self.labels).max()) * len(np.unique(self.labels))
-        return len(self.labels)
+        total = int(np.bincount(self.labels).max()) * len(np.unique(self.labels)) if self.oversample else len(self.labels)
+        return -(-total // self.ctx.world_size)
 
 
-def make_loaders(manifest: dict, config: TrainConfig, device: torch.device):
-    """Train, validation and test loaders: the fast cached/device path, or per-image PIL transforms."""
+def make_loaders(manifest: dict, config: TrainConfig, device: torch.device,
+                 ctx: common.DistributedContext = common.DistributedContext()):
+    """Train, validation and test loaders (this rank's shards): the fast cached/device path,
+    or per-image PIL transforms."""
     train = common.manifest_samples(manifest, "train")
     size = config.image_size
-    sampler = EpochSampler([label for _, label in train], config.seed, config.balance == "oversample")
+    sampler = EpochSampler([label for _, label in train], config.seed, config.balance == "oversample", ctx)
     drop_last = len(sampler) > config.batch_size
     sides = {side: common.manifest_samples(manifest, side) for side in ("val", "test")}
     eval_batch = max(config.batch_size * 4, 64)  # no gradients: larger batches are free
@@ -158,9 +163,10 @@ def make_loaders(manifest: dict, config: TrainConfig, device: torch.device):
         train_loader = common.DeviceBatches(
             cached(train, common.train_cache_size(size), config.batch_size, sampler, drop_last), device, size,
             augment=True, channels_last=channels_last)
-        val_loader, test_loader = (common.DeviceBatches(cached(sides[side], size, eval_batch), device, size,
-                                                        augment=False, channels_last=channels_last)
-                                   for side in ("val", "test"))
+        val_loader, test_loader = (
+            common.DeviceBatches(cached(sides[side], size, eval_batch, common.ShardOrder(len(sides[side]), ctx)),
+                                 device, size, augment=False, channels_last=channels_last)
+            for side in ("val", "test"))
         return train_loader, val_loader, test_loader
     loader_args = dict(num_workers=config.num_workers, pin_memory=device.type == "cuda",
                        persistent_workers=config.num_workers > 0)
@@ -169,7 +175,8 @@ def make_loaders(manifest: dict, config: TrainConfig, device: torch.device):
         sampler=sampler, drop_last=drop_last, **loader_args)
     val_loader, test_loader = (
         torch.utils.data.DataLoader(common.XrayDataset(sides[side], common.eval_transform(size)),
-                                    batch_size=eval_batch, shuffle=False, **loader_args)
+                                    batch_size=eval_batch, sampler=common.ShardOrder(len(sides[side]), ctx),
+                                    **loader_args)
         for side in ("val", "test"))
     return train_loader, val_loader, test_loader
 
@@ -184,7 +191,8 @@ def loss_function(config: TrainConfig, train_labels: list[int], device: torch.de
 
 
 # --------------------------------------------------------------------------- train / evaluate
-def train_one_epoch(model, loader, criterion, optimizer, scaler, device, amp_dtype=None, epoch: int = 0) -> dict:
+def train_one_epoch(model, loader, criterion, optimizer, scaler, device, amp_dtype=None, epoch: int = 0,
+                    ctx: common.DistributedContext = common.DistributedContext()) -> dict:
     """One pass over the training loader: mean loss and accuracy, images/s and the share of
     time spent waiting for data. Nothing here waits for the device until the epoch ends."""
     model.train()
@@ -220,8 +228,11 @@ def train_one_epoch(model, loader, criterion, optimizer, scaler, device, amp_dty
     if int(first_bad_batch) >= 0:  # the one host read of the epoch
         raise NonFiniteLossError(epoch, int(first_bad_batch), float(bad_loss))
     elapsed = time.perf_counter() - started
-    return {"loss": float(loss_sum) / seen, "accuracy": float(correct) / seen, "skipped_steps": int(skipped_steps),
-            "images_per_second": seen / elapsed, "data_wait_fraction": data_wait / elapsed}
+    totals = common.all_reduce_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype),
+                                                torch.tensor(float(seen), device=device)]), ctx)
+    return {"loss": float(totals[0] / totals[2]), "accuracy": float(totals[1] / totals[2]),
+            "skipped_steps": int(skipped_steps), "images_per_second": float(totals[2]) / elapsed,
+            "data_wait_fraction": data_wait / elapsed}
 
 
 class NonFiniteLossError(SystemExit):
@@ -231,9 +242,17 @@ class NonFiniteLossError(SystemExit):
             "untouched. Try a lower learning rate (--lr) or full precision (--no-amp).")
 
 
-def evaluate(model, loader, device, amp_dtype=None) -> dict:
-    """Loss and classification metrics at threshold 0.5, plus the raw labels, logits and probabilities."""
+def evaluate(model, loader, device, amp_dtype=None, ctx: common.DistributedContext = common.DistributedContext(),
+             total: int = 0) -> dict:
+    """Loss and classification metrics at threshold 0.5, plus the raw labels, logits and probabilities.
+    Under torchrun every rank scores its shard and the `total` predictions are gathered in order."""
+    common.broadcast_buffers(model, ctx)
     labels, logits, loss = common.predict_logits(model, loader, device, amp_dtype)
+    if ctx.active:
+        gathered = common.gather_shards(torch.cat([logits, torch.as_tensor(labels).unsqueeze(1).float()], 1).to(device),
+                                        ctx, total).cpu()
+        logits, labels = gathered[:, :-1], gathered[:, -1].long().numpy()
+        loss = float(nn.functional.cross_entropy(logits, torch.as_tensor(labels)))
     probs = common.tb_probability(logits).numpy()
     return {"loss": loss, **common.classification_metrics(labels, probs), "labels": labels, "logits": logits,
             "probs": probs}
@@ -691,6 +710,22 @@ def compare_checkpoints(config: TrainConfig) -> dict:
     return comparison
 
 
+class SilentLogger:
+    """The MLflow logger of ranks other than 0: rank 0 logs for the whole torchrun job."""
+
+    run_id = tracking_uri = ""
+    offline = True
+
+    def log_metrics(self, metrics: dict, step: int = 0) -> None:
+        pass
+
+    def log_artifact(self, path, artifact_path=None) -> None:
+        pass
+
+    def set_status(self, status: str) -> None:
+        pass
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     config = config_from_args(argv)
@@ -698,11 +733,15 @@ def main(argv: list[str] | None = None) -> dict:
         return compare_checkpoints(config)
     if config.test_only:
         return test_only(config)
-    if config.demo and config.data_dir == common.DEMO_DATA_DIR:
-        common.make_demo_dataset(config.data_dir)
-        print(f"Demo: SYNTHETIC chest X-rays in {config.data_dir}/ (not real data)")
     common.refuse_inside(config.checkpoint_dir, config.data_dir, "--checkpoint-dir")
-    device = common.resolve_device(config.device)
+    ctx, device = common.init_distributed(config.device)
+    if not ctx.is_main:  # rank 0 speaks for the job: console, progress bars, files, MLflow
+        sys.stdout = open(os.devnull, "w")
+        os.environ["TQDM_DISABLE"] = "1"
+    if config.demo and config.data_dir == common.DEMO_DATA_DIR:
+        with common.main_process_first(ctx):
+            common.make_demo_dataset(config.data_dir)
+        print(f"Demo: SYNTHETIC chest X-rays in {config.data_dir}/ (not real data)")
     amp_dtype = common.autocast_dtype(device, config.amp)
     common.seed_everything(config.seed)
     if config.deterministic:
@@ -710,7 +749,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.use_deterministic_algorithms(True)
     profile = common.profile_for(config.freeze_features)
     checkpoint_dir = Path(config.checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = checkpoint_dir / common.MANIFEST_NAME
     last_path = checkpoint_dir / common.LAST_CHECKPOINT_NAME
     best_path = common.best_checkpoint_path(checkpoint_dir, config.freeze_features)
@@ -718,16 +758,27 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Data: reuse the saved split when resuming, so the test images never change.
     resumed = common.load_checkpoint(config.resume) if config.resume else None
-    manifest = common.read_json(manifest_path) if resumed else prepare_manifest(config, manifest_path)
-    train_loader, val_loader, test_loader = make_loaders(manifest, config, device)
+    with common.main_process_first(ctx):
+        fresh = not resumed and ctx.is_main
+        manifest = prepare_manifest(config, manifest_path) if fresh else common.read_json(manifest_path)
+        train_loader, val_loader, test_loader = make_loaders(manifest, config, device, ctx)
     train_labels = [label for _, label in manifest["train"]]
 
     model = common.build_model(config.weights if not resumed else "none", config.freeze_features).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = not config.deterministic
-    optimizer = common.build_optimizer(model, config.lr, config.backbone_lr_mult)
-    step_model = torch.compile(model) if config.compile else model  # checkpoints keep the plain model's keys
+    if config.sync_bn and ctx.active:
+        if device.type != "cuda":
+            raise SystemExit("error: --sync-bn needs CUDA (SyncBatchNorm has no CPU implementation)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    lr_mult = ctx.world_size if config.lr_scale == "linear" else 1
+    optimizer = common.build_optimizer(model, config.lr * lr_mult, config.backbone_lr_mult)
+    step_model = model  # checkpoints keep the plain model's keys; these wrappers only run the steps
+    if ctx.active:
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        step_model = torch.compile(step_model)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=config.scheduler_patience)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = loss_function(config, train_labels, device)
@@ -736,6 +787,10 @@ def main(argv: list[str] | None = None) -> dict:
           + ", ".join(f"{side} {len(manifest[side])}" for side in ("train", "val", "test")) + " images; "
           + ("decoded once into a cache, augmented in batches on the device" if config.fast_data
              else "per-image PIL transforms"))
+    if ctx.active:
+        print(f"Distributed: {ctx.world_size} processes ({torch.distributed.get_backend()}); global batch "
+              f"{config.batch_size} x {ctx.world_size} = {config.batch_size * ctx.world_size}; learning rates "
+              + (f"x {ctx.world_size} (--lr-scale linear)" if lr_mult > 1 else "unscaled (--lr-scale none)"))
 
     state = {"epoch": 0, "best_score": [-1.0, -float("inf")], "best_epoch": 0, "stale_epochs": 0,
              "history": [], "train_seconds": 0.0, "completed": False, "thresholds": {"default": 0.5},
@@ -747,7 +802,8 @@ def main(argv: list[str] | None = None) -> dict:
         scaler.load_state_dict(resumed["scaler"])
         state = {key: resumed[key] for key in state}
         print(f"Resumed from {config.resume} after epoch {state['epoch']}")
-    logger = start_tracking(config, profile, resumed, pending_path)
+    logger = start_tracking(config, profile, resumed, pending_path) if ctx.is_main else SilentLogger()
+    save = common.save_checkpoint if ctx.is_main else (lambda checkpoint, path: None)
     if resumed and state["completed"] and (state["epoch"] >= config.epochs
                                            or state["stale_epochs"] >= config.early_stop_patience):
         print("That run had already finished; nothing left to train.")
@@ -756,7 +812,8 @@ def main(argv: list[str] | None = None) -> dict:
             logger.set_status("FINISHED")
         return common.read_json(checkpoint_dir / common.SUMMARY_NAME)
     if not resumed:
-        logger.log_metrics({"trainable_parameters": common.count_trainable(model)})
+        logger.log_metrics({"trainable_parameters": common.count_trainable(model), "world_size": ctx.world_size,
+                            "global_batch_size": config.batch_size * ctx.world_size})
         logger.log_artifact(manifest_path)
 
     def checkpoint(include_training_state: bool) -> dict:
@@ -771,12 +828,13 @@ def main(argv: list[str] | None = None) -> dict:
     resume_command = f"python resnet50_tb_full.py --resume {last_path}"
     try:
         if not resumed:  # so that an interrupt during the first epoch still leaves a resumable file
-            common.save_checkpoint(checkpoint(True), last_path)
+            save(checkpoint(True), last_path)
         for epoch in range(state["epoch"] + 1, config.epochs + 1):
             train_loader.sampler.set_epoch(epoch)
             started = time.perf_counter()
-            train_results = train_one_epoch(step_model, train_loader, criterion, optimizer, scaler, device, amp_dtype, epoch)
-            val_results = evaluate(step_model, val_loader, device, amp_dtype)
+            train_results = train_one_epoch(step_model, train_loader, criterion, optimizer, scaler, device,
+                                            amp_dtype, epoch, ctx)
+            val_results = evaluate(model, val_loader, device, amp_dtype, ctx, len(manifest["val"]))
             lrs = common.group_lrs(optimizer)  # the rates this epoch trained with
             scheduler.step(val_results["loss"])
             state["train_seconds"] += time.perf_counter() - started
@@ -794,14 +852,14 @@ def main(argv: list[str] | None = None) -> dict:
             if score > state["best_score"]:
                 state.update(best_score=score, best_epoch=epoch, stale_epochs=0,
                              **operating_points(val_results, config.temperature_scaling))
-                common.save_checkpoint(checkpoint(include_training_state=False), best_path)
+                save(checkpoint(include_training_state=False), best_path)
             else:
                 state["stale_epochs"] += 1
             if epoch % config.save_every == 0:
                 stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-                common.save_checkpoint(checkpoint(True), checkpoint_dir / f"{stamp}_epoch{epoch}_{profile.model_stem}.pth")
+                save(checkpoint(True), checkpoint_dir / f"{stamp}_epoch{epoch}_{profile.model_stem}.pth")
             # Checkpoint first, then log: a kill in between is repaired from the history on --resume.
-            common.save_checkpoint(checkpoint(True), last_path)
+            save(checkpoint(True), last_path)
             logger.log_metrics(metrics, step=epoch)
             if state["stale_epochs"] >= config.early_stop_patience:
                 print(f"Early stopping: no better validation AUC for {config.early_stop_patience} epochs")
@@ -820,9 +878,16 @@ def main(argv: list[str] | None = None) -> dict:
         raise
 
     # The test set is scored once, on the best checkpoint.
+    common.barrier(ctx)  # rank 0 has finished writing it
     best = common.load_checkpoint(best_path)
-    model.load_state_dict(best["model"])
-    test_results = evaluate(model, test_loader, device, amp_dtype)
+    best_model = common.model_from_checkpoint(best).to(device)  # `model` keeps the last epoch's weights for last.pth
+    if device.type == "cuda":
+        best_model = best_model.to(memory_format=torch.channels_last)
+    test_results = evaluate(best_model, test_loader, device, amp_dtype, ctx, len(manifest["test"]))
+    if ctx.active:
+        torch.distributed.destroy_process_group()
+    if not ctx.is_main:
+        return {}
     print(common.format_results("Test", test_results))
     test_metrics = scalar_metrics(test_results, "test")
     logger.log_metrics(test_metrics)
@@ -839,8 +904,8 @@ def main(argv: list[str] | None = None) -> dict:
     common.write_json(summary, checkpoint_dir / common.SUMMARY_NAME)
     logger.log_artifact(checkpoint_dir / common.SUMMARY_NAME)
     state["completed"] = True
-    common.save_checkpoint(checkpoint(True), last_path)
-    log_model(logger, model, config.image_size)
+    save(checkpoint(True), last_path)
+    log_model(logger, best_model, config.image_size)
     logger.set_status("FINISHED")
     print(f"Best checkpoint (epoch {best['best_epoch']}): {best_path}")
     print(f"Summary: {checkpoint_dir / common.SUMMARY_NAME}; MLflow run {logger.run_id}"

@@ -188,6 +188,101 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+# --------------------------------------------------------------------------- torchrun (DistributedDataParallel)
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process stands in a torchrun job; one process without torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_name: str) -> tuple[DistributedContext, torch.device]:
+    """Join the torchrun process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world_size <= 1:
+        return DistributedContext(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistributedContext(torch.distributed.get_rank(), world_size), device
+
+
+def barrier(ctx: DistributedContext) -> None:
+    if ctx.active:
+        torch.distributed.barrier()
+
+
+class main_process_first:
+    """Rank 0 runs the block first (scans data, builds caches); the others then find its files."""
+
+    def __init__(self, ctx: DistributedContext):
+        self.ctx = ctx
+
+    def __enter__(self):
+        if not self.ctx.is_main:
+            barrier(self.ctx)
+
+    def __exit__(self, *exc):
+        if self.ctx.is_main and exc[0] is None:
+            barrier(self.ctx)
+        return False
+
+
+def shard(items: list, ctx: DistributedContext) -> list:
+    """This rank's share: padded (like DistributedSampler) to a multiple of the world size, strided."""
+    if not ctx.active:
+        return items
+    padded = items + items[: (-len(items)) % ctx.world_size]
+    return padded[ctx.rank::ctx.world_size]
+
+
+def gather_shards(tensor: torch.Tensor, ctx: DistributedContext, total: int) -> torch.Tensor:
+    """Undo `shard`: every rank's equally long part, back in the original order, padding dropped."""
+    if not ctx.active:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(ctx.world_size)]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.stack(parts, dim=1).flatten(0, 1)[:total]
+
+
+def broadcast_buffers(model: nn.Module, ctx: DistributedContext) -> None:
+    """Give every rank rank 0's BatchNorm running statistics: each rank updated its own copy with
+    its last local batch, and evaluation must use the weights the checkpoint holds."""
+    if ctx.active:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def all_reduce_sum(tensor: torch.Tensor, ctx: DistributedContext) -> torch.Tensor:
+    if ctx.active:
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+class ShardOrder(torch.utils.data.Sampler[tuple[int, int]]):
+    """Evaluation order: this rank's shard of 0..n-1, as (index, seed) pairs like EpochSampler's."""
+
+    def __init__(self, count: int, ctx: DistributedContext):
+        self.order = [(i, 0) for i in shard(list(range(count)), ctx)]
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

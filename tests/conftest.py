@@ -100,3 +100,9 @@ def trained_run(tmp_path_factory):
                            "--epochs", "2", "--image-size", "32", "--batch-size", "8", "--num-workers", "0",
                            "--weights", "none", "--temperature-scaling", "--val-fraction", "0.3"])
     return {"root": root, "data": data, "uri": uri, "best": root / "ckpt" / "best_resnet50_tb_full_trained.pth"}
+
+
+def learning_metrics(history: list[dict]) -> list[dict]:
+    """Per-epoch history without the timing entries, which differ from run to run by nature."""
+    timing = ("train_images_per_second", "train_data_wait_fraction")
+    return [{k: v for k, v in epoch.items() if k not in timing} for epoch in history]

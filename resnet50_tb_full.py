@@ -5,6 +5,9 @@ chest X-rays, tracked in MLflow (port 5003), with checkpoints for resnet50_gradc
     python resnet50_tb_full.py --demo                  # synthetic data, CPU, about a minute
     python resnet50_tb_full.py --freeze-features ...   # the seed's transfer-learning baseline
     python resnet50_tb_full.py --resume checkpoints/resnet50_tb_full/last.pth
+    python resnet50_tb_full.py --test-only --resume CKPT [--data-dir DIR]   # metrics with bootstrap CIs
+    python resnet50_tb_full.py --compare CKPT_A CKPT_B                      # reports/comparison.md
+    torchrun --standalone --nproc_per_node=N resnet50_tb_full.py ...        # data-parallel training
 
 Model selection, LR scheduling and early stopping use a validation split carved out of
 train; the test set is scored once, at the end, on the best checkpoint.

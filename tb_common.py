@@ -103,7 +103,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls) -> None
     for f in dataclasses.fields(config_cls):
         meta = dict(f.metadata)
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        help_text = f"{meta.pop('help')} (default: {default!r})"
+        help_text = f"{meta.pop('help')} (default: {default!r})".replace("%", "%%")  # argparse %-formats help
         kwargs = dict(default=argparse.SUPPRESS, help=help_text, **meta)
         if f.type in ("bool", "bool | None"):
             kwargs["action"] = argparse.BooleanOptionalAction

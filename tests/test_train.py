@@ -100,6 +100,20 @@ def test_explicit_tracking_uri_that_does_not_answer_stops_before_training(tmp_pa
     assert "Epoch 1" not in result.stdout
 
 
+@pytest.mark.parametrize("script", ["resnet50_tb_full.py", "resnet50_gradcam_tb_full.py"])
+def test_help_lists_every_flag_with_its_default(script):
+    import dataclasses
+
+    import resnet50_gradcam_tb_full as gradcam
+
+    config_cls = trainer.TrainConfig if script == "resnet50_tb_full.py" else gradcam.GradCamConfig
+    result = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for f in dataclasses.fields(config_cls):
+        assert "--" + f.name.replace("_", "-") in result.stdout
+    assert result.stdout.count("(default:") == len(dataclasses.fields(config_cls))
+
+
 def test_missing_data_dir_explains_layout_and_demo(tmp_path):
     result = run_cli("--data-dir", str(tmp_path / "missing"), *TINY, cwd=tmp_path)
     assert result.returncode != 0

@@ -389,8 +389,8 @@ def make_split_manifest(data: DataSplit, val_fraction: float, test_fraction: flo
     }
 
 
-def manifest_samples(manifest: dict, side: str, data_dir: str | Path | None = None) -> list[tuple[str, int]]:
-    root = Path(data_dir or manifest["data_dir"])
+def manifest_samples(manifest: dict, side: str) -> list[tuple[str, int]]:
+    root = Path(manifest["data_dir"])
     return [(str(root / rel), int(label)) for rel, label in manifest[side]]
 
 

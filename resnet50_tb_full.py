@@ -557,6 +557,13 @@ def report_metrics(report: dict) -> dict[str, float]:
     return flat | report["calibration"]
 
 
+def score_checkpoint(checkpoint: dict, samples, config: TrainConfig, device: torch.device):
+    """Labels, probabilities and the full evaluation report of one checkpoint on labelled samples."""
+    labels, probs = predict_checkpoint(checkpoint, samples, device, config.batch_size * 2, config.num_workers)
+    thresholds = {"default": 0.5, **checkpoint.get("thresholds", {})}
+    return labels, probs, evaluation_report(labels, probs, thresholds, config.bootstrap_resamples, config.seed)
+
+
 def test_only(config: TrainConfig) -> dict:
     """--test-only: evaluate one checkpoint on one labelled folder, with intervals and figures."""
     checkpoint_path = Path(config.resume)
@@ -565,10 +572,8 @@ def test_only(config: TrainConfig) -> dict:
     device = common.resolve_device(config.device)
     name = Path(config.data_dir).resolve().name if config.data_dir else "test"
     print(f"Evaluating {checkpoint_path} on {len(samples)} images: {source}")
-    labels, probs = predict_checkpoint(checkpoint, samples, device, config.batch_size * 2, config.num_workers)
+    labels, probs, report = score_checkpoint(checkpoint, samples, config, device)
     print(common.format_results("Test", common.classification_metrics(labels, probs)))
-    report = evaluation_report(labels, probs, checkpoint.get("thresholds", {"default": 0.5}),
-                               config.bootstrap_resamples, config.seed)
     report |= {"checkpoint": str(checkpoint_path), "data": source, "temperature": checkpoint.get("temperature", 1.0),
                "training_run_id": checkpoint.get("mlflow_run_id", "")}
     print_report(report)
@@ -592,15 +597,9 @@ def paired_auc_difference(labels, probs_a, probs_b, resamples: int, seed: int) -
     """AUC(B) - AUC(A) on the same images, with a paired stratified bootstrap CI and two-sided p-value
     (DeLong's test is in no maintained Python library we depend on)."""
     from sklearn.metrics import roc_auc_score
-    from sklearn.utils import resample
 
-    rng = np.random.RandomState(seed)
-    index = np.arange(len(labels))
-    differences = []
-    for _ in range(resamples):
-        i = resample(index, stratify=labels, random_state=rng)
-        differences.append(roc_auc_score(labels[i], probs_b[i]) - roc_auc_score(labels[i], probs_a[i]))
-    differences = np.asarray(differences)
+    differences = np.asarray([roc_auc_score(labels[i], probs_b[i]) - roc_auc_score(labels[i], probs_a[i])
+                              for i in common.bootstrap_indices(labels, resamples, seed)])
     low, high = np.percentile(differences, [2.5, 97.5])
     p_value = min(1.0, 2 * min((differences <= 0).mean(), (differences >= 0).mean()))
     return {"difference": float(roc_auc_score(labels, probs_b) - roc_auc_score(labels, probs_a)),
@@ -647,9 +646,7 @@ def compare_checkpoints(config: TrainConfig) -> dict:
     print(f"Comparing {names[0]} and {names[1]} on {len(samples)} images: {source}")
     results = []
     for checkpoint in checkpoints:
-        labels, probs = predict_checkpoint(checkpoint, samples, device, config.batch_size * 2, config.num_workers)
-        report = evaluation_report(labels, probs, {"default": 0.5, **checkpoint.get("thresholds", {})},
-                                   config.bootstrap_resamples, config.seed)
+        labels, probs, report = score_checkpoint(checkpoint, samples, config, device)
         results.append({"probs": probs, "report": report})
     auc_test = paired_auc_difference(labels, results[0]["probs"], results[1]["probs"],
                                      config.bootstrap_resamples, config.seed)

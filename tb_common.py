@@ -879,19 +879,26 @@ def classification_metrics(labels, probs, threshold: float = 0.5) -> dict[str, f
     return threshold_metrics(labels, (probs >= threshold).astype(int)) | ranking_metrics(labels, probs)
 
 
+def bootstrap_indices(labels, resamples: int, seed: int):
+    """Seeded, class-stratified bootstrap resamples of range(len(labels)); the same seed gives the
+    same resamples, so two models scored on the same images are paired."""
+    from sklearn.utils import resample
+
+    rng = np.random.RandomState(seed)
+    index = np.arange(len(labels))
+    for _ in range(resamples):
+        yield resample(index, stratify=labels, random_state=rng)
+
+
 def bootstrap_metrics(labels, probs, thresholds: dict[str, float], resamples: int = 1000,
                       seed: int = 0) -> dict[str, list[dict]]:
     """classification_metrics at each threshold on the same seeded, class-stratified resamples."""
     import sklearn
-    from sklearn.utils import resample
 
     labels, probs = np.asarray(labels), np.asarray(probs)
-    rng = np.random.RandomState(seed)
-    index = np.arange(len(labels))
     draws = {name: [] for name in thresholds}
     with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):  # inputs checked once above
-        for _ in range(resamples):
-            i = resample(index, stratify=labels, random_state=rng)
+        for i in bootstrap_indices(labels, resamples, seed):
             ranking = ranking_metrics(labels[i], probs[i])
             for name, threshold in thresholds.items():
                 draws[name].append(threshold_metrics(labels[i], (probs[i] >= threshold).astype(int)) | ranking)

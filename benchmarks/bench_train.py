@@ -14,6 +14,7 @@ synthetic data set shaped like the Kaggle TB set once (512x512 PNG, 5:1 Normal:T
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import sys
@@ -28,7 +29,7 @@ from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tb_common as common  # noqa: E402
-from resnet50_tb_full import EpochSampler  # noqa: E402
+from resnet50_tb_full import EpochSampler, train_one_epoch  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -113,41 +114,41 @@ def time_data(loader, device: torch.device, warmup: int = 2) -> float:
     return seen / (time.perf_counter() - started)
 
 
-class Trainer:
-    """One ResNet50 training step, as the trainer runs it."""
+class Batches:
+    """The first `count` batches of an endless or long batch source, as train_one_epoch expects."""
 
-    def __init__(self, device: torch.device, amp_dtype, compile_model: bool = False):
-        self.device, self.amp_dtype = device, amp_dtype
-        model = common.build_model("none").to(device)
+    def __init__(self, source, count: int, batch_size: int):
+        self.source, self.count, self.batch_size = source, count, batch_size
+
+    def __iter__(self):
+        return itertools.islice(self.source, self.count)
+
+
+class Step:
+    """The trainer's own model, optimizer and train_one_epoch, so the benchmark times what training runs."""
+
+    def __init__(self, device: torch.device, amp_dtype, batch_size: int, compile_model: bool = False):
+        self.device, self.amp_dtype, self.batch_size = device, amp_dtype, batch_size
+        self.model = common.build_model("none").to(device)
         if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
-        self.optimizer = common.build_optimizer(model, 1e-4, 0.1)
-        self.model = torch.compile(model) if compile_model else model
-        self.model.train()
-
-    def step(self, images, targets) -> None:
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            loss = torch.nn.functional.cross_entropy(self.model(images).float(), targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.optimizer = common.build_optimizer(self.model, 1e-4, 0.1)
+        self.step_model = torch.compile(self.model) if compile_model else self.model
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
 
-def time_loop(trainer: Trainer, batches, count: int, warmup: int = 2) -> float:
-    """Images/s of `count` training steps fed by `batches` (after `warmup` untimed steps)."""
-    seen, started = 0, None
-    for i, (images, targets) in enumerate(batches):
-        if i == warmup:
-            synchronize(trainer.device)
-            started = time.perf_counter()
-        if i == warmup + count:
-            break
-        images = images.to(trainer.device, non_blocking=True)
-        trainer.step(images, targets.to(trainer.device, non_blocking=True))
-        seen += len(images) if i >= warmup else 0
-    synchronize(trainer.device)
-    return seen / (time.perf_counter() - started)
+def time_loop(step: Step, batches, count: int, warmup: int = 2) -> float:
+    """Images/s of train_one_epoch over `count` batches from `batches`, after `warmup` untimed ones
+    (worker start-up, cuDNN autotuning, compilation)."""
+    source = iter(batches)
+
+    def run(n: int) -> dict:
+        return train_one_epoch(step.step_model, Batches(source, n, step.batch_size), torch.nn.CrossEntropyLoss(),
+                               step.optimizer, step.scaler, step.device, step.amp_dtype)
+
+    run(warmup)
+    return run(count)["images_per_second"]
 
 
 def repeat_batch(device, batch_size: int, size: int):
@@ -181,16 +182,16 @@ def main(argv: list[str] | None = None) -> dict:
     results["cache_build_seconds"] = build_seconds
     results["data_only"] = {"seed": time_data(seed_loader, device), "project": time_data(fast_loader, device)}
 
-    trainer = Trainer(device, amp_dtype)
+    step = Step(device, amp_dtype, args.batch_size)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    results["full_loop"] = {"seed": time_loop(trainer, iter(seed_loader), args.loop_batches),
-                            "project": time_loop(trainer, iter(fast_loader), args.loop_batches)}
-    results["compute_only"] = {"eager": time_loop(trainer, repeat_batch(device, args.batch_size, args.image_size),
+    results["full_loop"] = {"seed": time_loop(step, seed_loader, args.loop_batches),
+                            "project": time_loop(step, fast_loader, args.loop_batches)}
+    results["compute_only"] = {"eager": time_loop(step, repeat_batch(device, args.batch_size, args.image_size),
                                                   args.loop_batches)}
     results["memory"] = peak_memory(device)
     if args.compile:
-        compiled = Trainer(device, amp_dtype, compile_model=True)
+        compiled = Step(device, amp_dtype, args.batch_size, compile_model=True)
         results["compute_only"]["compiled"] = time_loop(
             compiled, repeat_batch(device, args.batch_size, args.image_size), args.loop_batches, warmup=3)
 

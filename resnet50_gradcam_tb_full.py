@@ -9,12 +9,13 @@ from pytorch-grad-cam on model.layer4; each map's faithfulness is scored with RO
 (remove-and-debias: confidence change when the least vs the most relevant pixels are
 removed; higher means the map points at what the model really uses).
 """
+
 from __future__ import annotations
 
 import argparse
 import csv
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,29 +23,53 @@ import torch
 from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
-import tb_common as common
+from tbcxr.checkpoint import load_checkpoint, model_from_checkpoint, read_json, write_json
+from tbcxr.config import (
+    CLASS_NAMES,
+    FULL_TRAINING,
+    MANIFEST_NAME,
+    POSITIVE_CLASS,
+    add_dataclass_arguments,
+    best_checkpoint_path,
+    flag,
+    positive_int,
+    profile_of,
+    refuse_inside,
+)
+from tbcxr.data import eval_transform, find_class_dirs, held_out_samples, labelled_images, list_images
+from tbcxr.decoding import load_xray
+from tbcxr.figures import pyplot, save_figure
+from tbcxr.metrics import operating_threshold, tb_probability
+from tbcxr.runtime import resolve_device
+from tbcxr.tracking import log_to_training_run
 
 
 @dataclass
 class GradCamConfig:
     """Every setting of a GradCAM run; each field is a command-line flag."""
 
-    checkpoint: str = field(default=str(common.best_checkpoint_path(common.FULL_TRAINING.checkpoint_dir, False)), metadata={"help": "checkpoint written by resnet50_tb_full.py"})
-    data_dir: str = field(default="", metadata={"help": "data folder; default: the one the checkpoint was trained on (its test images)"})
-    images: list[str] = field(default_factory=list, metadata={"help": "explain these image files or folders instead of the test set", "nargs": "+"})
-    num_images: int = field(default=5, metadata={"help": "images per class from the test set", "type": common.positive_int})
-    method: str = field(default="gradcam", metadata={"help": "CAM method", "choices": ["gradcam", "gradcam++", "hirescam", "layercam", "eigencam", "scorecam"]})
-    target: str = field(default="predicted", metadata={"help": "class the map explains", "choices": ["predicted", "normal", "tuberculosis"]})
-    batch_size: int = field(default=8, metadata={"help": "images per CAM batch", "type": common.positive_int})
-    device: str = field(default="auto", metadata={"help": "compute device", "choices": ["auto", "cuda", "cpu", "mps"]})
-    output_dir: str = field(default="", metadata={"help": "output folder; default gradcam_results/resnet50_tb_full (resnet50_tb for transfer learning)"})
-    compare_checkpoint: str = field(default="", metadata={"help": "second checkpoint (e.g. transfer learning): side-by-side maps per image"})
-    demo: bool = field(default=False, metadata={"help": "explain the checkpoint of `resnet50_tb_full.py --demo` on its synthetic test images"})
+    checkpoint: str = flag(
+        str(best_checkpoint_path(FULL_TRAINING.checkpoint_dir, False)), "checkpoint written by resnet50_tb_full.py"
+    )
+    data_dir: str = flag("", "data folder; default: the one the checkpoint was trained on (its test images)")
+    images: list[str] = flag([], "explain these image files or folders instead of the test set", nargs="+")
+    num_images: int = flag(5, "images per class from the test set", type=positive_int)
+    method: str = flag(
+        "gradcam", "CAM method", choices=["gradcam", "gradcam++", "hirescam", "layercam", "eigencam", "scorecam"]
+    )
+    target: str = flag("predicted", "class the map explains", choices=["predicted", "normal", "tuberculosis"])
+    batch_size: int = flag(8, "images per CAM batch", type=positive_int)
+    device: str = flag("auto", "compute device", choices=["auto", "cuda", "cpu", "mps"])
+    output_dir: str = flag(
+        "", "output folder; default gradcam_results/resnet50_tb_full (resnet50_tb for transfer learning)"
+    )
+    compare_checkpoint: str = flag("", "second checkpoint (e.g. transfer learning): side-by-side maps per image")
+    demo: bool = flag(False, "explain the checkpoint of `resnet50_tb_full.py --demo` on its synthetic test images")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_dataclass_arguments(parser, GradCamConfig)
+    add_dataclass_arguments(parser, GradCamConfig)
     return parser
 
 
@@ -58,8 +83,14 @@ UNLABELLED = -1
 def cam_methods() -> dict:
     from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM
 
-    return {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM,
-            "layercam": LayerCAM, "eigencam": EigenCAM, "scorecam": ScoreCAM}
+    return {
+        "gradcam": GradCAM,
+        "gradcam++": GradCAMPlusPlus,
+        "hirescam": HiResCAM,
+        "layercam": LayerCAM,
+        "eigencam": EigenCAM,
+        "scorecam": ScoreCAM,
+    }
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -71,11 +102,11 @@ def display_rgb(tensor: torch.Tensor, mean, std) -> np.ndarray:
 
 
 def class_slug(label: int) -> str:
-    return "unlabelled" if label == UNLABELLED else common.CLASS_NAMES[label].lower()
+    return "unlabelled" if label == UNLABELLED else CLASS_NAMES[label].lower()
 
 
 def label_name(label: int) -> str:
-    return "unknown" if label == UNLABELLED else common.CLASS_NAMES[label]
+    return "unknown" if label == UNLABELLED else CLASS_NAMES[label]
 
 
 # --------------------------------------------------------------------------- CAM computation
@@ -117,35 +148,52 @@ def load_batch(samples, transform) -> torch.Tensor:
     tensors = []
     for path, _ in samples:
         try:
-            tensors.append(transform(common.load_xray(path)))
+            tensors.append(transform(load_xray(path)))
         except (UnidentifiedImageError, OSError) as exc:
             raise SystemExit(f"error: cannot read image {path}: {exc}") from exc
     return torch.stack(tensors)
 
 
-def explain(model, target_layer, samples, checkpoint: dict, device, method: str, target: str,
-            batch_size: int, score_faithfulness: bool = True) -> list[Explanation]:
+def explain(
+    model,
+    target_layer,
+    samples,
+    checkpoint: dict,
+    device,
+    method: str,
+    target: str,
+    batch_size: int,
+    score_faithfulness: bool = True,
+) -> list[Explanation]:
     """Predict and explain every (path, label) sample, batch by batch (road is NaN when not scored).
 
     Predictions use the checkpoint's temperature and operating threshold (validation-chosen)."""
-    threshold = common.operating_threshold(checkpoint)
-    transform = common.eval_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
+    threshold = operating_threshold(checkpoint)
+    transform = eval_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
     model = model.to(device).eval()
     explanations = []
     for start in tqdm(range(0, len(samples), batch_size), desc=f"{method}", unit="batch", leave=False):
-        chunk = samples[start:start + batch_size]
+        chunk = samples[start : start + batch_size]
         batch = load_batch(chunk, transform).to(device)
         with torch.no_grad():
-            probs = common.tb_probability(model(batch), checkpoint.get("temperature", 1.0)).cpu().numpy()
+            probs = tb_probability(model(batch), checkpoint.get("temperature", 1.0)).cpu().numpy()
         predicted = (probs >= threshold).astype(int)
-        targets = [int(p) if target == "predicted" else common.CLASS_NAMES.index(target.capitalize()) for p in predicted]
+        targets = [int(p) if target == "predicted" else CLASS_NAMES.index(target.capitalize()) for p in predicted]
         maps = compute_cams(model, target_layer, batch, targets, method)
         scores = faithfulness(model, batch, maps, targets) if score_faithfulness else np.full(len(chunk), np.nan)
         for i, (path, label) in enumerate(chunk):
-            explanations.append(Explanation(
-                path=str(path), true_label=label, prob_tb=float(probs[i]), predicted=int(predicted[i]),
-                target=targets[i], cam=maps[i], rgb=display_rgb(batch[i], checkpoint["mean"], checkpoint["std"]),
-                road=float(scores[i])))
+            explanations.append(
+                Explanation(
+                    path=str(path),
+                    true_label=label,
+                    prob_tb=float(probs[i]),
+                    predicted=int(predicted[i]),
+                    target=targets[i],
+                    cam=maps[i],
+                    rgb=display_rgb(batch[i], checkpoint["mean"], checkpoint["std"]),
+                    road=float(scores[i]),
+                )
+            )
     return explanations
 
 
@@ -155,11 +203,11 @@ def samples_from_paths(paths: list[str]) -> list[tuple[str, int]]:
     samples = []
     for item in map(Path, paths):
         if item.is_dir():
-            class_dirs = common.find_class_dirs(item)
+            class_dirs = find_class_dirs(item)
             if class_dirs:
-                samples += common.labelled_images(class_dirs)
+                samples += labelled_images(class_dirs)
             else:
-                samples += [(str(p), label_from_folder(p)) for p in common.list_images(item)]
+                samples += [(str(p), label_from_folder(p)) for p in list_images(item)]
         elif item.is_file():
             samples.append((str(item), label_from_folder(item)))
         else:
@@ -170,7 +218,7 @@ def samples_from_paths(paths: list[str]) -> list[tuple[str, int]]:
 
 
 def label_from_folder(path: Path) -> int:
-    names = [name.lower() for name in common.CLASS_NAMES]
+    names = [name.lower() for name in CLASS_NAMES]
     return names.index(path.parent.name.lower()) if path.parent.name.lower() in names else UNLABELLED
 
 
@@ -190,28 +238,25 @@ def overlay(e: Explanation) -> np.ndarray:
 
 def caption(e: Explanation) -> str:
     verdict = "  WRONG" if e.wrong else ""
-    confidence = e.prob_tb if e.predicted == common.POSITIVE_CLASS else 1 - e.prob_tb
-    return f"True: {label_name(e.true_label)} | Pred: {common.CLASS_NAMES[e.predicted]} ({confidence:.1%}){verdict}"
+    confidence = e.prob_tb if e.predicted == POSITIVE_CLASS else 1 - e.prob_tb
+    return f"True: {label_name(e.true_label)} | Pred: {CLASS_NAMES[e.predicted]} ({confidence:.1%}){verdict}"
 
 
 def render_explanation(e: Explanation, method: str, run_label: str, path: Path) -> None:
     """Original X-ray, heatmap with colour bar, and overlay, in one titled PNG."""
-    plt = common.pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(11, 4))
     axes[0].imshow(e.rgb[..., 0], cmap="gray", vmin=0, vmax=1)
     axes[0].set_title("X-ray")
     heat = axes[1].imshow(e.cam, cmap="jet", vmin=0, vmax=1)
-    axes[1].set_title(f"{method} map for {common.CLASS_NAMES[e.target]}")
+    axes[1].set_title(f"{method} map for {CLASS_NAMES[e.target]}")
     fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.04)
     axes[2].imshow(overlay(e))
     axes[2].set_title(f"Overlay (ROAD {e.road:+.3f})")
     for ax in axes:
         ax.axis("off")
-    fig.suptitle(f"{caption(e)}\n{method} | {run_label} | {Path(e.path).name}",
-                 color="red" if e.wrong else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.suptitle(f"{caption(e)}\n{method} | {run_label} | {Path(e.path).name}", color="red" if e.wrong else "black")
+    save_figure(fig, path, dpi=100)
 
 
 def render_grid(explanations: list[Explanation], method: str, run_label: str, path: Path, per_class: int = 4) -> None:
@@ -221,7 +266,7 @@ def render_grid(explanations: list[Explanation], method: str, run_label: str, pa
         cases = sorted((e for e in explanations if e.true_label == label), key=lambda e: not e.wrong)
         rows.append(cases[:per_class])
     columns = max(len(row) for row in rows)
-    plt = common.pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(rows), columns, figsize=(3 * columns, 3.3 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         for c in range(columns):
@@ -231,31 +276,32 @@ def render_grid(explanations: list[Explanation], method: str, run_label: str, pa
                 ax.imshow(overlay(row[c]))
                 ax.set_title(caption(row[c]).replace(" | ", "\n"), fontsize=8, color="red" if row[c].wrong else "black")
     fig.suptitle(f"GradCAM summary: {method} | {run_label}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def render_comparison(pair: tuple[Explanation, Explanation], labels: tuple[str, str], method: str, path: Path) -> None:
-    plt = common.pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(11, 4))
     axes[0].imshow(pair[0].rgb[..., 0], cmap="gray", vmin=0, vmax=1)
     axes[0].set_title(f"X-ray (true: {label_name(pair[0].true_label)})")
     for ax, e, label in zip(axes[1:], pair, labels):
         ax.imshow(overlay(e))
-        ax.set_title(f"{label}\n{caption(e).split(' | ', 1)[1]}, ROAD {e.road:+.3f}", fontsize=9,
-                     color="red" if e.wrong else "black")
+        ax.set_title(
+            f"{label}\n{caption(e).split(' | ', 1)[1]}, ROAD {e.road:+.3f}",
+            fontsize=9,
+            color="red" if e.wrong else "black",
+        )
     for ax in axes:
         ax.axis("off")
     fig.suptitle(f"{method}: {labels[0]} vs {labels[1]} | {Path(pair[0].path).name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def mean_road_per_class(explanations: list[Explanation]) -> dict[str, float]:
-    return {label_name(label): float(np.mean([e.road for e in explanations if e.true_label == label]))
-            for label in sorted({e.true_label for e in explanations})}
+    return {
+        label_name(label): float(np.mean([e.road for e in explanations if e.true_label == label]))
+        for label in sorted({e.true_label for e in explanations})
+    }
 
 
 def write_index(rows: list[dict], summary: dict, csv_path: Path, json_path: Path) -> None:
@@ -263,52 +309,37 @@ def write_index(rows: list[dict], summary: dict, csv_path: Path, json_path: Path
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    common.write_json({**summary, "images": rows}, json_path)
-
-
-def log_to_training_run(checkpoint: dict, paths: list[Path]) -> str:
-    """Attach the files to the checkpoint's MLflow run under gradcam/ when its store is reachable."""
-    run_id, uri = checkpoint.get("mlflow_run_id"), checkpoint.get("tracking_uri", "")
-    if not run_id or not uri:
-        return "checkpoint names no MLflow run; files written locally only"
-    if not common.store_reachable(uri):
-        return f"MLflow store {uri} is not reachable from here; files written locally only"
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    try:
-        client.get_run(run_id)
-    except MlflowException:
-        return f"run {run_id} is not in {uri}; files written locally only"
-    for path in paths:
-        client.log_artifact(run_id, str(path), artifact_path="gradcam")
-    return f"logged {len(paths)} files to MLflow run {run_id} ({uri}) under gradcam/"
+    write_json({**summary, "images": rows}, json_path)
 
 
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     config = config_from_args(argv)
     checkpoint_path = Path(config.checkpoint)
-    checkpoint = common.load_checkpoint(checkpoint_path)
-    profile = common.profile_for(checkpoint["config"].get("freeze_features", False))
+    checkpoint = load_checkpoint(checkpoint_path)
+    profile = profile_of(checkpoint)
     if config.demo:
         print("Demo: explaining the --demo checkpoint on its SYNTHETIC test images (not real data)")
-    device = common.resolve_device(config.device)
-    model = common.model_from_checkpoint(checkpoint)
+    device = resolve_device(config.device)
+    model = model_from_checkpoint(checkpoint)
     output_dir = Path(config.output_dir or profile.gradcam_dir)
-    manifest_path = checkpoint_path.parent / common.MANIFEST_NAME
-    trained_on = common.read_json(manifest_path)["data_dir"] if manifest_path.is_file() else ""
+    manifest_path = checkpoint_path.parent / MANIFEST_NAME
+    trained_on = read_json(manifest_path)["data_dir"] if manifest_path.is_file() else ""
     for data_dir in {config.data_dir, trained_on} - {""}:
-        common.refuse_inside(output_dir, data_dir, "--output-dir")
+        refuse_inside(output_dir, data_dir, "--output-dir")
     output_dir.mkdir(parents=True, exist_ok=True)
 
     if config.images:
         samples = samples_from_paths(config.images)
     else:
-        samples = first_per_class(common.test_samples(checkpoint_path, config.data_dir)[0], config.num_images)
-    print(f"GradCAM ({config.method}) for {checkpoint_path} [{profile.gradcam_label}] on {len(samples)} images, device {device}")
-    explanations = explain(model, model.layer4, samples, checkpoint, device, config.method, config.target, config.batch_size)
+        samples = first_per_class(held_out_samples(checkpoint_path, config.data_dir)[0], config.num_images)
+    print(
+        f"GradCAM ({config.method}) for {checkpoint_path} [{profile.gradcam_label}] "
+        f"on {len(samples)} images, device {device}"
+    )
+    explanations = explain(
+        model, model.layer4, samples, checkpoint, device, config.method, config.target, config.batch_size
+    )
 
     written, rows, counters = [], [], {}
     for e in explanations:
@@ -316,17 +347,33 @@ def main(argv: list[str] | None = None) -> dict:
         path = output_dir / f"gradcam_{class_slug(e.true_label)}_{counters[e.true_label]}_{profile.gradcam_label}.png"
         render_explanation(e, config.method, profile.gradcam_label, path)
         written.append(path)
-        rows.append({"image": e.path, "true_label": label_name(e.true_label),
-                     "predicted_label": common.CLASS_NAMES[e.predicted], "probability_tuberculosis": round(e.prob_tb, 6),
-                     "correct": "" if e.true_label == UNLABELLED else not e.wrong,
-                     "cam_target": common.CLASS_NAMES[e.target], "road_score": round(e.road, 6), "file": path.name})
+        rows.append(
+            {
+                "image": e.path,
+                "true_label": label_name(e.true_label),
+                "predicted_label": CLASS_NAMES[e.predicted],
+                "probability_tuberculosis": round(e.prob_tb, 6),
+                "correct": "" if e.true_label == UNLABELLED else not e.wrong,
+                "cam_target": CLASS_NAMES[e.target],
+                "road_score": round(e.road, 6),
+                "file": path.name,
+            }
+        )
 
     if config.compare_checkpoint:
-        other_checkpoint = common.load_checkpoint(config.compare_checkpoint)
-        other_profile = common.profile_for(other_checkpoint["config"].get("freeze_features", False))
-        other_model = common.model_from_checkpoint(other_checkpoint)
-        others = explain(other_model, other_model.layer4, samples, other_checkpoint, device, config.method,
-                         config.target, config.batch_size)
+        other_checkpoint = load_checkpoint(config.compare_checkpoint)
+        other_profile = profile_of(other_checkpoint)
+        other_model = model_from_checkpoint(other_checkpoint)
+        others = explain(
+            other_model,
+            other_model.layer4,
+            samples,
+            other_checkpoint,
+            device,
+            config.method,
+            config.target,
+            config.batch_size,
+        )
         counters = {}
         for e, other in zip(explanations, others):
             counters[e.true_label] = counters.get(e.true_label, 0) + 1
@@ -337,15 +384,23 @@ def main(argv: list[str] | None = None) -> dict:
     grid_path = output_dir / f"gradcam_summary_{profile.gradcam_label}.png"
     render_grid(explanations, config.method, profile.gradcam_label, grid_path)
     road = mean_road_per_class(explanations)
-    summary = {"checkpoint": str(checkpoint_path), "method": config.method, "target": config.target,
-               "label": profile.gradcam_label, "mean_road_per_class": road, "config": asdict(config)}
+    summary = {
+        "checkpoint": str(checkpoint_path),
+        "method": config.method,
+        "target": config.target,
+        "label": profile.gradcam_label,
+        "mean_road_per_class": road,
+        "config": asdict(config),
+    }
     csv_path = output_dir / f"gradcam_index_{profile.gradcam_label}.csv"
     json_path = output_dir / f"gradcam_index_{profile.gradcam_label}.json"
     write_index(rows, summary, csv_path, json_path)
     written += [grid_path, csv_path, json_path]
 
-    print("Faithfulness (ROAD combined, higher is better): "
-          + ", ".join(f"{name} {score:+.4f}" for name, score in road.items()))
+    print(
+        "Faithfulness (ROAD combined, higher is better): "
+        + ", ".join(f"{name} {score:+.4f}" for name, score in road.items())
+    )
     wrong = sum(e.wrong for e in explanations)
     print(f"Wrote {len(written)} files to {output_dir}/ ({wrong} wrong predictions marked)")
     print(log_to_training_run(checkpoint, written))

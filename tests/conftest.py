@@ -1,5 +1,6 @@
 """Shared fixtures: tiny generated X-ray folders, the real shared data when present,
 and a real `mlflow server` on a free loopback port."""
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import tb_common  # noqa: E402
+from tbcxr.config import CLASS_NAMES  # noqa: E402
+from tbcxr.demo import synthetic_xray  # noqa: E402
+from tbcxr.tracking import server_answers  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -29,14 +32,14 @@ def write_xrays(folder: Path, count: int, tuberculosis: bool, size: int = 48, se
     paths = []
     for i in range(count):
         path = folder / f"img_{i:03d}.png"
-        Image.fromarray(tb_common.synthetic_xray(rng, size, tuberculosis), mode="L").save(path)
+        Image.fromarray(synthetic_xray(rng, size, tuberculosis), mode="L").save(path)
         paths.append(path)
     return paths
 
 
 def make_organized(root: Path, train: int = 12, test: int = 4, size: int = 48) -> Path:
     for seed, (split, count) in enumerate((("train", train), ("test", test))):
-        for name in tb_common.CLASS_NAMES:
+        for name in CLASS_NAMES:
             write_xrays(root / split / name, count, name == "Tuberculosis", size, seed=seed)
     return root
 
@@ -56,13 +59,28 @@ def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
     """A real MLflow tracking server bound to 127.0.0.1, in its own process group; waits until it answers."""
     log = open(store / "server.log", "a")
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-         "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{store / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(store / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     deadline = time.time() + 120
-    while not tb_common.server_answers(f"http://127.0.0.1:{port}"):
+    while not server_answers(f"http://127.0.0.1:{port}"):
         if process.poll() is not None or time.time() > deadline:
             stop_process_group(process)
             pytest.fail("mlflow server did not start:\n" + (store / "server.log").read_text()[-3000:])
@@ -96,9 +114,29 @@ def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained_run")
     data = make_organized(root / "data", train=16, test=6, size=40)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    resnet50_tb_full.main(["--data-dir", str(data), "--checkpoint-dir", str(root / "ckpt"), "--tracking-uri", uri,
-                           "--epochs", "2", "--image-size", "32", "--batch-size", "8", "--num-workers", "0",
-                           "--weights", "none", "--temperature-scaling", "--val-fraction", "0.3"])
+    resnet50_tb_full.main(
+        [
+            "--data-dir",
+            str(data),
+            "--checkpoint-dir",
+            str(root / "ckpt"),
+            "--tracking-uri",
+            uri,
+            "--epochs",
+            "2",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--num-workers",
+            "0",
+            "--weights",
+            "none",
+            "--temperature-scaling",
+            "--val-fraction",
+            "0.3",
+        ]
+    )
     return {"root": root, "data": data, "uri": uri, "best": root / "ckpt" / "best_resnet50_tb_full_trained.pth"}
 
 

@@ -1,4 +1,5 @@
 """Data discovery, junk skipping, greyscale handling and the split manifest."""
+
 from __future__ import annotations
 
 import shutil
@@ -7,10 +8,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA, make_organized, write_xrays
 from PIL import Image
 
-import tb_common
-from conftest import SHARED_DATA, make_organized, write_xrays
+from tbcxr.data import discover_dataset, eval_transform, make_split_manifest, train_transform
+from tbcxr.decoding import load_xray
+from tbcxr.demo import synthetic_xray
 
 
 def test_organized_layout_case_insensitive_and_junk_skipped(tmp_path):
@@ -22,7 +25,7 @@ def test_organized_layout_case_insensitive_and_junk_skipped(tmp_path):
     (root / "train" / "normal" / "Thumbs.db").write_bytes(b"junk")
     (root / "train" / "normal" / "notes.xlsx").write_bytes(b"PK")
 
-    data = tb_common.discover_dataset(root)
+    data = discover_dataset(root)
 
     assert data.layout == "organized"
     assert Counter(label for _, label in data.train) == {0: 5, 1: 5}
@@ -38,7 +41,7 @@ def test_raw_kaggle_layout_one_folder_deeper_with_metadata(tmp_path):
     (inner / "Tuberculosis.metadata.xlsx").write_bytes(b"PK")
     (inner / "README.md.txt").write_text("kaggle readme")
 
-    data = tb_common.discover_dataset(tmp_path / "archive")
+    data = discover_dataset(tmp_path / "archive")
 
     assert data.layout == "raw" and data.test is None
     assert Counter(label for _, label in data.train) == {0: 6, 1: 4}
@@ -59,7 +62,7 @@ def test_bad_layouts_stop_with_expected_layout_and_demo_hint(tmp_path, breakage)
         shutil.rmtree(root / "test")
 
     with pytest.raises(SystemExit) as error:
-        tb_common.discover_dataset(root)
+        discover_dataset(root)
 
     message = str(error.value.code)
     assert message.startswith("error: ")
@@ -67,23 +70,23 @@ def test_bad_layouts_stop_with_expected_layout_and_demo_hint(tmp_path, breakage)
 
 
 def test_greyscale_and_rgb_files_give_identical_tensors(tmp_path):
-    pixels = tb_common.synthetic_xray(np.random.default_rng(3), 64, tuberculosis=True)
+    pixels = synthetic_xray(np.random.default_rng(3), 64, tuberculosis=True)
     Image.fromarray(pixels, mode="L").save(tmp_path / "grey.png")
     Image.fromarray(np.stack([pixels] * 3, axis=-1), mode="RGB").save(tmp_path / "rgb.png")
-    transform = tb_common.eval_transform(48)
+    transform = eval_transform(48)
 
-    grey = transform(tb_common.load_xray(tmp_path / "grey.png"))
-    rgb = transform(tb_common.load_xray(tmp_path / "rgb.png"))
+    grey = transform(load_xray(tmp_path / "grey.png"))
+    rgb = transform(load_xray(tmp_path / "rgb.png"))
 
     assert grey.shape == (3, 48, 48)
     assert torch.equal(grey, rgb)
 
 
 def test_train_transform_output_shape_and_channels_equal(tmp_path):
-    pixels = tb_common.synthetic_xray(np.random.default_rng(4), 80, tuberculosis=False)
+    pixels = synthetic_xray(np.random.default_rng(4), 80, tuberculosis=False)
     image = Image.fromarray(pixels, mode="L")
     torch.manual_seed(0)
-    out = tb_common.train_transform(64, mean=(0.5,) * 3, std=(0.5,) * 3)(image)
+    out = train_transform(64, mean=(0.5,) * 3, std=(0.5,) * 3)(image)
     assert out.shape == (3, 64, 64)
     assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
 
@@ -92,11 +95,11 @@ def test_split_manifest_is_stable_for_a_seed_and_stratified(tmp_path):
     root = tmp_path / "raw"
     write_xrays(root / "Normal", 50, False, size=32)
     write_xrays(root / "Tuberculosis", 10, True, size=32)
-    data = tb_common.discover_dataset(root)
+    data = discover_dataset(root)
 
-    first = tb_common.make_split_manifest(data, val_fraction=0.2, test_fraction=0.25, seed=7)
-    again = tb_common.make_split_manifest(data, val_fraction=0.2, test_fraction=0.25, seed=7)
-    other = tb_common.make_split_manifest(data, val_fraction=0.2, test_fraction=0.25, seed=8)
+    first = make_split_manifest(data, val_fraction=0.2, test_fraction=0.25, seed=7)
+    again = make_split_manifest(data, val_fraction=0.2, test_fraction=0.25, seed=7)
+    other = make_split_manifest(data, val_fraction=0.2, test_fraction=0.25, seed=8)
 
     assert first == again
     assert first["test"] != other["test"]
@@ -111,11 +114,11 @@ def test_split_manifest_is_stable_for_a_seed_and_stratified(tmp_path):
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
 def test_real_shared_data_layouts():
-    mini = tb_common.discover_dataset(SHARED_DATA / "tb-cxr-mini")
+    mini = discover_dataset(SHARED_DATA / "tb-cxr-mini")
     assert mini.layout == "organized"
     assert Counter(label for _, label in mini.train) == {0: 151, 1: 151}  # .DS_Store skipped
     assert Counter(label for _, label in mini.test) == {0: 50, 1: 50}
-    kaggle = tb_common.discover_dataset(SHARED_DATA / "tb-kaggle-sample")
+    kaggle = discover_dataset(SHARED_DATA / "tb-kaggle-sample")
     assert kaggle.layout == "raw" and len(kaggle.train) == 10
     # RGB Normal files and greyscale TB files decode to the same single-channel mode.
-    assert {tb_common.load_xray(path).mode for path, _ in kaggle.train} == {"L"}
+    assert {load_xray(path).mode for path, _ in kaggle.train} == {"L"}

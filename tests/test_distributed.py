@@ -1,4 +1,5 @@
 """torchrun: data-parallel training over gloo on the CPU, checked against one process."""
+
 from __future__ import annotations
 
 import subprocess
@@ -6,21 +7,50 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, learning_metrics, make_organized
 from mlflow.tracking import MlflowClient
 
 import resnet50_tb_full as trainer
-import tb_common
-from conftest import ROOT, learning_metrics, make_organized
+from tbcxr.checkpoint import load_checkpoint, model_from_checkpoint, read_json
+from tbcxr.config import MANIFEST_NAME
+from tbcxr.data import EpochSampler, make_loaders
+from tbcxr.runtime import DistributedContext
 
-TINY = ["--epochs", "2", "--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--weights", "none",
-        "--seed", "7", "--deterministic"]
+TINY = [
+    "--epochs",
+    "2",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--num-workers",
+    "0",
+    "--weights",
+    "none",
+    "--seed",
+    "7",
+    "--deterministic",
+]
 
 
 def run(launcher: list[str], data, tmp_path, name: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([*launcher, str(ROOT / "resnet50_tb_full.py"), "--data-dir", str(data),
-                             "--checkpoint-dir", str(tmp_path / name), "--tracking-uri",
-                             f"sqlite:///{tmp_path / (name + '.db')}", *TINY],
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = subprocess.run(
+        [
+            *launcher,
+            str(ROOT / "resnet50_tb_full.py"),
+            "--data-dir",
+            str(data),
+            "--checkpoint-dir",
+            str(tmp_path / name),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / (name + '.db')}",
+            *TINY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
@@ -37,11 +67,11 @@ def data(tmp_path_factory):
 @pytest.mark.parametrize("count", [12, 13])
 def test_each_rank_gets_a_disjoint_half_of_the_epoch(count):
     labels = [0] * (count - 4) + [1] * 4
-    single = trainer.EpochSampler(labels, seed=3, oversample=True)
+    single = EpochSampler(labels, seed=3, oversample=True)
     single.set_epoch(4)
     shards = []
     for rank in (0, 1):
-        sampler = trainer.EpochSampler(labels, seed=3, oversample=True, ctx=tb_common.DistributedContext(rank, 2))
+        sampler = EpochSampler(labels, seed=3, oversample=True, dist=DistributedContext(rank, 2))
         sampler.set_epoch(4)
         shards.append(list(sampler))
         assert len(shards[-1]) == len(sampler)
@@ -65,12 +95,22 @@ def test_two_process_torchrun_writes_one_set_of_outputs_and_evaluates_the_whole_
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")] == [1, 2]
 
     # The gathered validation metrics equal a single-process evaluation of the final weights.
-    last = tb_common.load_checkpoint(ckpt / "last.pth")
-    model = tb_common.model_from_checkpoint(last)
+    last = load_checkpoint(ckpt / "last.pth")
+    model = model_from_checkpoint(last)
     config = trainer.config_from_args(["--resume", str(ckpt / "last.pth")])
-    manifest = tb_common.read_json(ckpt / tb_common.MANIFEST_NAME)
+    manifest = read_json(ckpt / MANIFEST_NAME)
     assert len(manifest["val"]) % 2 == 1  # an odd count: the sampler's padding must be dropped
-    _, val_loader, _ = trainer.make_loaders(manifest, config, torch.device("cpu"))
+    _, val_loader, _ = make_loaders(
+        manifest,
+        torch.device("cpu"),
+        image_size=config.image_size,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        oversample=True,
+        fast_data=config.fast_data,
+        cache_dir=ckpt / "cache",
+        num_workers=0,
+    )
     single = trainer.evaluate(model, val_loader, torch.device("cpu"))
     logged = last["history"][-1]
     for key in ("accuracy", "f1", "sensitivity", "specificity", "auc"):

@@ -1,5 +1,6 @@
 """Honest evaluation: bootstrap intervals, validation-chosen operating points, calibration,
 external test sets and the transfer-vs-full comparison report."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import write_xrays
 from mlflow.tracking import MlflowClient
 
 import resnet50_gradcam_tb_full as gradcam
 import resnet50_tb_full as trainer
-import tb_common
-from conftest import write_xrays
+from tbcxr.checkpoint import load_checkpoint, model_from_checkpoint, read_json
+from tbcxr.config import MANIFEST_NAME
+from tbcxr.data import XrayDataset, eval_transform, held_out_samples, manifest_samples
+from tbcxr.evaluation import predict_checkpoint
+from tbcxr.metrics import bootstrap_metrics, classification_metrics, fit_temperature, select_thresholds, with_intervals
+from tbcxr.model import predict_logits
 
 
 def scores(n: int, seed: int = 0):
@@ -26,9 +32,9 @@ def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_more_images():
     widths = {}
     for n in (40, 400):
         labels, probs = scores(n)
-        point = tb_common.classification_metrics(labels, probs, 0.5)
-        draws = tb_common.bootstrap_metrics(labels, probs, {"default": 0.5}, resamples=300, seed=1)["default"]
-        intervals = tb_common.with_intervals(point, draws)
+        point = classification_metrics(labels, probs, 0.5)
+        draws = bootstrap_metrics(labels, probs, {"default": 0.5}, resamples=300, seed=1)["default"]
+        intervals = with_intervals(point, draws)
         for metric, entry in intervals.items():
             assert entry["ci_low"] <= entry["value"] <= entry["ci_high"], metric
         widths[n] = {m: e["ci_high"] - e["ci_low"] for m, e in intervals.items()}
@@ -37,57 +43,79 @@ def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_more_images():
         assert widths[400][metric] < widths[40][metric], metric
     assert np.mean([widths[400][m] / widths[40][m] for m in metrics]) < 0.6  # about 1/sqrt(10) expected
     labels, probs = scores(40)  # seeded: the same call gives the same intervals
-    again = [tb_common.bootstrap_metrics(labels, probs, {"t": 0.5}, 50, seed=3)["t"] for _ in range(2)]
+    again = [bootstrap_metrics(labels, probs, {"t": 0.5}, 50, seed=3)["t"] for _ in range(2)]
     assert again[0] == again[1]
 
 
 def val_predictions(trained_run):
-    checkpoint = tb_common.load_checkpoint(trained_run["best"])
-    manifest = tb_common.read_json(trained_run["best"].parent / tb_common.MANIFEST_NAME)
-    labels, probs = trainer.predict_checkpoint(checkpoint, tb_common.manifest_samples(manifest, "val"),
-                                               torch.device("cpu"), 16, 0)
+    checkpoint = load_checkpoint(trained_run["best"])
+    manifest = read_json(trained_run["best"].parent / MANIFEST_NAME)
+    labels, probs = predict_checkpoint(checkpoint, manifest_samples(manifest, "val"), torch.device("cpu"), 16, 0)
     return checkpoint, labels, probs
 
 
 def test_thresholds_chosen_on_validation_are_stored_and_applied(trained_run, capsys):
     checkpoint, labels, probs = val_predictions(trained_run)
     stored = checkpoint["thresholds"]
-    assert stored == pytest.approx(tb_common.select_thresholds(labels, probs))
+    assert stored == pytest.approx(select_thresholds(labels, probs))
     # The WHO triage point reaches the sensitivity floor on the validation set it was chosen on.
-    assert tb_common.classification_metrics(labels, probs, stored["who_triage"])["sensitivity"] >= 0.90
-    youden = tb_common.classification_metrics(labels, probs, stored["youden"])
+    assert classification_metrics(labels, probs, stored["who_triage"])["sensitivity"] >= 0.90
+    youden = classification_metrics(labels, probs, stored["youden"])
     assert youden["sensitivity"] + youden["specificity"] - 1 == pytest.approx(
-        max(m["sensitivity"] + m["specificity"] - 1
-            for m in (tb_common.classification_metrics(labels, probs, t) for t in np.r_[probs, 1.0])))
+        max(
+            m["sensitivity"] + m["specificity"] - 1
+            for m in (classification_metrics(labels, probs, t) for t in np.r_[probs, 1.0])
+        )
+    )
 
-    report = trainer.main(["--test-only", "--resume", str(trained_run["best"]), "--bootstrap-resamples", "50",
-                           "--tracking-uri", trained_run["uri"]])
+    report = trainer.main(
+        [
+            "--test-only",
+            "--resume",
+            str(trained_run["best"]),
+            "--bootstrap-resamples",
+            "50",
+            "--tracking-uri",
+            trained_run["uri"],
+        ]
+    )
     assert {name: entry["threshold"] for name, entry in report["thresholds"].items()} == stored
-    test_labels, test_probs = trainer.predict_checkpoint(
-        checkpoint, tb_common.test_samples(trained_run["best"], str(trained_run["data"]))[0], torch.device("cpu"), 16, 0)
-    applied = tb_common.classification_metrics(test_labels, test_probs, stored["youden"])
+    test_labels, test_probs = predict_checkpoint(
+        checkpoint, held_out_samples(trained_run["best"], str(trained_run["data"]))[0], torch.device("cpu"), 16, 0
+    )
+    applied = classification_metrics(test_labels, test_probs, stored["youden"])
     assert report["thresholds"]["youden"]["metrics"]["sensitivity"]["value"] == applied["sensitivity"]
     assert "Test Results - Accuracy: " in capsys.readouterr().out
 
     # GradCAM labels its predictions with the same stored operating threshold (and temperature).
-    model = tb_common.model_from_checkpoint(checkpoint)
-    samples = tb_common.test_samples(trained_run["best"])[0]
-    explanations = gradcam.explain(model, model.layer4, samples, checkpoint, torch.device("cpu"), "gradcam",
-                                   "predicted", 16, score_faithfulness=False)
+    model = model_from_checkpoint(checkpoint)
+    samples = held_out_samples(trained_run["best"])[0]
+    explanations = gradcam.explain(
+        model,
+        model.layer4,
+        samples,
+        checkpoint,
+        torch.device("cpu"),
+        "gradcam",
+        "predicted",
+        16,
+        score_faithfulness=False,
+    )
     assert stored["youden"] != 0.5
     assert [e.prob_tb for e in explanations] == pytest.approx(list(test_probs), abs=1e-6)
     assert [e.predicted for e in explanations] == [int(p >= stored["youden"]) for p in test_probs]
 
 
 def test_temperature_is_fitted_on_validation_and_lowers_its_nll(trained_run):
-    checkpoint = tb_common.load_checkpoint(trained_run["best"])
-    manifest = tb_common.read_json(trained_run["best"].parent / tb_common.MANIFEST_NAME)
-    model = tb_common.model_from_checkpoint(checkpoint)
-    loader = torch.utils.data.DataLoader(tb_common.XrayDataset(tb_common.manifest_samples(manifest, "val"),
-                                                               tb_common.eval_transform(32)), batch_size=16)
-    labels, logits, _ = tb_common.predict_logits(model, loader, torch.device("cpu"))
+    checkpoint = load_checkpoint(trained_run["best"])
+    manifest = read_json(trained_run["best"].parent / MANIFEST_NAME)
+    model = model_from_checkpoint(checkpoint)
+    loader = torch.utils.data.DataLoader(
+        XrayDataset(manifest_samples(manifest, "val"), eval_transform(32)), batch_size=16
+    )
+    labels, logits, _ = predict_logits(model, loader, torch.device("cpu"))
     temperature = checkpoint["temperature"]
-    assert temperature == pytest.approx(tb_common.fit_temperature(logits.numpy(), labels), rel=1e-3)
+    assert temperature == pytest.approx(fit_temperature(logits.numpy(), labels), rel=1e-3)
 
     def nll(t):
         return float(torch.nn.functional.cross_entropy(logits / t, torch.as_tensor(labels)))
@@ -100,21 +128,36 @@ def test_external_flat_folder_is_used_whole_with_figures_and_mlflow_run(trained_
     write_xrays(external / "normal", 5, False, seed=7)
     write_xrays(external / "TUBERCULOSIS", 4, True, seed=7)
 
-    report = trainer.main(["--test-only", "--resume", str(trained_run["best"]), "--data-dir", str(external),
-                           "--bootstrap-resamples", "50", "--tracking-uri", trained_run["uri"]])
+    report = trainer.main(
+        [
+            "--test-only",
+            "--resume",
+            str(trained_run["best"]),
+            "--data-dir",
+            str(external),
+            "--bootstrap-resamples",
+            "50",
+            "--tracking-uri",
+            trained_run["uri"],
+        ]
+    )
 
     assert report["n_images"] == 9 and report["class_counts"] == {"Normal": 5, "Tuberculosis": 4}
     assert "external test set" in report["data"]
     ckpt_dir = trained_run["best"].parent
     written = json.loads((ckpt_dir / "eval_hospital_b.json").read_text())
-    assert written["thresholds"]["default"]["metrics"]["auc"]["ci_low"] <= written["thresholds"]["default"]["metrics"]["auc"]["value"]
+    assert (
+        written["thresholds"]["default"]["metrics"]["auc"]["ci_low"]
+        <= written["thresholds"]["default"]["metrics"]["auc"]["value"]
+    )
     assert set(written["calibration"]) == {"brier_score", "expected_calibration_error"}
     for kind in ("roc", "pr", "confusion", "reliability", "training_curves"):
         figure = ckpt_dir / f"eval_hospital_b_{kind}.png"
         assert figure.stat().st_size > 5000, kind
     client = MlflowClient(trained_run["uri"])
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string="tags.data LIKE '%hospital_b%'")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], filter_string="tags.data LIKE '%hospital_b%'"
+    )
     assert len(runs) == 1 and runs[0].data.tags["training_run_id"] == report["training_run_id"]
     assert "default_auc_ci_low" in runs[0].data.metrics
 
@@ -123,14 +166,21 @@ def test_comparing_a_checkpoint_with_itself(trained_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     best = str(trained_run["best"])
 
-    comparison = trainer.main(["--compare", best, best, "--bootstrap-resamples", "100",
-                               "--tracking-uri", trained_run["uri"]])
+    comparison = trainer.main(
+        ["--compare", best, best, "--bootstrap-resamples", "100", "--tracking-uri", trained_run["uri"]]
+    )
 
     a, b = comparison["reports"]
     assert a["thresholds"] == b["thresholds"]
     assert comparison["auc_difference"]["difference"] == 0.0 and comparison["auc_difference"]["p_value"] == 1.0
     markdown = (tmp_path / "reports" / "comparison.md").read_text()
-    for row in ("Trainable parameters | 23,512,130 | 23,512,130", "Training time (wall clock)", "Epochs to best",
-                "Peak memory", "auc threshold-free (95% CI)", "paired bootstrap p = 1.000"):
+    for row in (
+        "Trainable parameters | 23,512,130 | 23,512,130",
+        "Training time (wall clock)",
+        "Epochs to best",
+        "Peak memory",
+        "auc threshold-free (95% CI)",
+        "paired bootstrap p = 1.000",
+    ):
         assert row in markdown
     assert (tmp_path / "reports" / "comparison_roc.png").stat().st_size > 5000

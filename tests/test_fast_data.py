@@ -1,5 +1,6 @@
 """The fast data path: decoded cache and batched device augmentation, checked against the
 per-image torchvision transforms it replaces."""
+
 from __future__ import annotations
 
 import os
@@ -7,25 +8,40 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import write_xrays
 from torchvision import transforms
 
 import resnet50_tb_full as trainer
-import tb_common
-from conftest import write_xrays
+from tbcxr.data import EpochSampler, eval_transform, train_transform
+from tbcxr.decoding import load_xray
+from tbcxr.fast_data import (
+    CachedBatches,
+    DeviceBatches,
+    augment_batch,
+    decoded_cache,
+    identity_augmentation,
+    sample_augmentation,
+)
 
 
 def cpu_transform_ranges(size: int) -> dict:
     """The parameter ranges the CPU training transform really uses."""
-    steps = {type(t): t for t in tb_common.train_transform(size).transforms}
+    steps = {type(t): t for t in train_transform(size).transforms}
     crop, flip = steps[transforms.RandomResizedCrop], steps[transforms.RandomHorizontalFlip]
     rotation, jitter = steps[transforms.RandomRotation], steps[transforms.ColorJitter]
-    return {"crop_scale": tuple(crop.scale), "crop_ratio": tuple(crop.ratio), "hflip_p": flip.p,
-            "degrees": tuple(rotation.degrees), "brightness": tuple(jitter.brightness), "contrast": tuple(jitter.contrast)}
+    return {
+        "crop_scale": tuple(crop.scale),
+        "crop_ratio": tuple(crop.ratio),
+        "hflip_p": flip.p,
+        "degrees": tuple(rotation.degrees),
+        "brightness": tuple(jitter.brightness),
+        "contrast": tuple(jitter.contrast),
+    }
 
 
 def test_device_augmentation_draws_from_the_cpu_transforms_ranges():
     ranges = cpu_transform_ranges(64)
-    params = tb_common.sample_augmentation(20_000, torch.Generator().manual_seed(0), "cpu")
+    params = sample_augmentation(20_000, torch.Generator().manual_seed(0), "cpu")
 
     area = params["width"] * params["height"]
     unclamped = (params["width"] < 1) & (params["height"] < 1)
@@ -43,49 +59,48 @@ def test_device_augmentation_draws_from_the_cpu_transforms_ranges():
 
 def test_identity_parameters_return_the_input():
     images = torch.rand(3, 1, 48, 48)
-    out = tb_common.augment_batch(images, tb_common.identity_augmentation(3, "cpu"), 48)
+    out = augment_batch(images, identity_augmentation(3, "cpu"), 48)
     torch.testing.assert_close(out, images, atol=1e-5, rtol=0)
 
 
 def test_rotation_fills_corners_black_and_flip_mirrors():
     images = torch.ones(2, 1, 32, 32)
-    params = tb_common.identity_augmentation(2, "cpu")
+    params = identity_augmentation(2, "cpu")
     params["angle"] = torch.tensor([15.0, 0.0])
-    rotated = tb_common.augment_batch(images, params, 32)
+    rotated = augment_batch(images, params, 32)
     assert rotated[0, 0, 0, 0] == 0 and rotated[0, 0, 16, 16] == 1  # like RandomRotation's fill=0
     ramp = torch.linspace(0, 1, 32).repeat(32, 1).view(1, 1, 32, 32)
-    flip = tb_common.identity_augmentation(1, "cpu") | {"flip": torch.tensor([-1.0])}
-    torch.testing.assert_close(tb_common.augment_batch(ramp, flip, 32), ramp.flip(-1), atol=1e-5, rtol=0)
+    flip = identity_augmentation(1, "cpu") | {"flip": torch.tensor([-1.0])}
+    torch.testing.assert_close(augment_batch(ramp, flip, 32), ramp.flip(-1), atol=1e-5, rtol=0)
 
 
 def test_cached_evaluation_tensors_equal_the_cpu_path(tmp_path):
     paths = [str(p) for p in write_xrays(tmp_path / "imgs", 4, True, size=80)]
-    cache = tb_common.decoded_cache(paths, 48, tmp_path / "cache")
-    batches = tb_common.DeviceBatches(tb_common.CachedBatches(cache, [1] * 4, batch_size=4), torch.device("cpu"), 48,
-                                      augment=False)
+    cache = decoded_cache(paths, 48, tmp_path / "cache")
+    batches = DeviceBatches(CachedBatches(cache, [1] * 4, batch_size=4), torch.device("cpu"), 48, augment=False)
     fast, _ = next(iter(batches))
-    slow = torch.stack([tb_common.eval_transform(48)(tb_common.load_xray(p)) for p in paths])
+    slow = torch.stack([eval_transform(48)(load_xray(p)) for p in paths])
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)
 
 
 def test_stale_cache_is_rebuilt_when_a_file_changes(tmp_path):
     paths = [str(p) for p in write_xrays(tmp_path / "imgs", 3, False, size=40)]
-    first = tb_common.decoded_cache(paths, 32, tmp_path / "cache")
+    first = decoded_cache(paths, 32, tmp_path / "cache")
     os.utime(paths[1], ns=(0, 10**9))  # a different modification time: the cached pixels may be stale
-    second = tb_common.decoded_cache(paths, 32, tmp_path / "cache")
+    second = decoded_cache(paths, 32, tmp_path / "cache")
     assert first.filename != second.filename
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
-    assert tb_common.decoded_cache(paths, 32, tmp_path / "cache").filename == second.filename  # reused
+    assert decoded_cache(paths, 32, tmp_path / "cache").filename == second.filename  # reused
 
 
 def test_cached_batches_follow_the_epoch_sampler(tmp_path):
     paths = [str(p) for p in write_xrays(tmp_path / "imgs", 10, False, size=32)]
-    cache = tb_common.decoded_cache(paths, 32, tmp_path / "cache")
+    cache = decoded_cache(paths, 32, tmp_path / "cache")
     labels = [0] * 7 + [1] * 3
-    sampler = trainer.EpochSampler(labels, seed=5, oversample=True)
+    sampler = EpochSampler(labels, seed=5, oversample=True)
     sampler.set_epoch(2)
     order = [index for index, _ in sampler]
-    batches = list(tb_common.CachedBatches(cache, labels, batch_size=4, sampler=sampler, drop_last=False))
+    batches = list(CachedBatches(cache, labels, batch_size=4, sampler=sampler, drop_last=False))
     assert torch.equal(torch.cat([images for images, _, _ in batches]), torch.from_numpy(cache[order]))
     assert torch.cat([y for _, y, _ in batches]).tolist() == [labels[i] for i in order]
     assert sorted(np.bincount([labels[i] for i in order]).tolist()) == [7, 7]  # oversampled
@@ -97,9 +112,27 @@ def test_trainer_uses_the_fast_path_by_default():
 
 
 def test_per_image_path_still_trains_end_to_end(tmp_path, organized_data):
-    summary = trainer.main(["--data-dir", str(organized_data), "--checkpoint-dir", str(tmp_path / "ckpt"),
-                            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--epochs", "1", "--no-fast-data",
-                            "--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--weights", "none"])
+    summary = trainer.main(
+        [
+            "--data-dir",
+            str(organized_data),
+            "--checkpoint-dir",
+            str(tmp_path / "ckpt"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--epochs",
+            "1",
+            "--no-fast-data",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--num-workers",
+            "0",
+            "--weights",
+            "none",
+        ]
+    )
     assert not (tmp_path / "ckpt" / "cache").exists()  # no decoded cache on this path
     assert (tmp_path / "ckpt" / "best_resnet50_tb_full_trained.pth").is_file()
     history = torch.load(tmp_path / "ckpt" / "last.pth", weights_only=True)["history"]

@@ -1,4 +1,5 @@
 """GradCAM script: output files and index, correctness (pointing game, faithfulness), errors."""
+
 from __future__ import annotations
 
 import csv
@@ -7,20 +8,25 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_organized
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from torch import nn
 
 import resnet50_gradcam_tb_full as gradcam
-import tb_common
-from conftest import make_organized
+from tbcxr.checkpoint import checkpoint_dict, load_checkpoint, model_from_checkpoint, save_checkpoint, write_json
+from tbcxr.config import IMAGENET_MEAN, IMAGENET_STD, MANIFEST_NAME
+from tbcxr.data import XrayDataset, discover_dataset, eval_transform, make_split_manifest
+from tbcxr.decoding import load_xray
+from tbcxr.demo import synthetic_xray
+from tbcxr.model import build_model
 
 
 def save_tiny_checkpoint(path, freeze_features=False, image_size=32, **extra):
     torch.manual_seed(0)
-    model = tb_common.build_model("none", freeze_features=freeze_features)
+    model = build_model("none", freeze_features=freeze_features)
     config = {"freeze_features": freeze_features, "image_size": image_size}
-    tb_common.save_checkpoint(tb_common.checkpoint_dict(model.eval(), config, image_size, **extra), path)
+    save_checkpoint(checkpoint_dict(model.eval(), config, image_size, **extra), path)
     return path
 
 
@@ -29,8 +35,8 @@ def trained_layout(tmp_path):
     """An organized data set, its split manifest and a checkpoint beside it."""
     data = make_organized(tmp_path / "data", train=6, test=3, size=40)
     ckpt_dir = tmp_path / "checkpoints"
-    manifest = tb_common.make_split_manifest(tb_common.discover_dataset(data), 0.2, 0.2, seed=0)
-    tb_common.write_json(manifest, ckpt_dir / tb_common.MANIFEST_NAME)
+    manifest = make_split_manifest(discover_dataset(data), 0.2, 0.2, seed=0)
+    write_json(manifest, ckpt_dir / MANIFEST_NAME)
     return data, ckpt_dir
 
 
@@ -42,18 +48,35 @@ def test_outputs_index_comparison_and_mlflow_artifacts(tmp_path, trained_layout,
     with mlflow.start_run() as run:
         pass
     _, ckpt_dir = trained_layout
-    best = save_tiny_checkpoint(ckpt_dir / "best_resnet50_tb_full_trained.pth", mlflow_run_id=run.info.run_id,
-                                tracking_uri=uri)
+    best = save_tiny_checkpoint(
+        ckpt_dir / "best_resnet50_tb_full_trained.pth", mlflow_run_id=run.info.run_id, tracking_uri=uri
+    )
     transfer = save_tiny_checkpoint(tmp_path / "transfer.pth", freeze_features=True)
     out = tmp_path / "out"
 
-    result = gradcam.main(["--checkpoint", str(best), "--num-images", "2", "--output-dir", str(out),
-                           "--compare-checkpoint", str(transfer), "--device", "cpu"])
+    result = gradcam.main(
+        [
+            "--checkpoint",
+            str(best),
+            "--num-images",
+            "2",
+            "--output-dir",
+            str(out),
+            "--compare-checkpoint",
+            str(transfer),
+            "--device",
+            "cpu",
+        ]
+    )
 
     names = {p.name for p in out.iterdir()}
     expected = {f"gradcam_{c}_{i}_full_training.png" for c in ("normal", "tuberculosis") for i in (1, 2)}
     expected |= {f"gradcam_compare_{c}_{i}.png" for c in ("normal", "tuberculosis") for i in (1, 2)}
-    expected |= {"gradcam_summary_full_training.png", "gradcam_index_full_training.csv", "gradcam_index_full_training.json"}
+    expected |= {
+        "gradcam_summary_full_training.png",
+        "gradcam_index_full_training.csv",
+        "gradcam_index_full_training.json",
+    }
     assert names == expected
     assert all((out / name).stat().st_size > 5000 for name in names if name.endswith(".png"))
     with open(out / "gradcam_index_full_training.csv") as f:
@@ -64,7 +87,8 @@ def test_outputs_index_comparison_and_mlflow_artifacts(tmp_path, trained_layout,
     index = json.loads((out / "gradcam_index_full_training.json").read_text())
     assert set(index["mean_road_per_class"]) == {"Normal", "Tuberculosis"}
     assert index["mean_road_per_class"]["Normal"] == pytest.approx(
-        np.mean([float(r["road_score"]) for r in rows[:2]]), abs=1e-5)
+        np.mean([float(r["road_score"]) for r in rows[:2]]), abs=1e-5
+    )
     console = capsys.readouterr().out
     assert "Faithfulness (ROAD combined, higher is better): Normal" in console
     assert f"logged {len(names)} files to MLflow run {run.info.run_id}" in console
@@ -87,12 +111,12 @@ def test_transfer_learning_checkpoint_uses_its_label_and_folder(tmp_path, traine
 
 
 def test_arbitrary_images_greyscale_and_rgb_give_the_same_map(tmp_path):
-    pixels = tb_common.synthetic_xray(np.random.default_rng(5), 64, tuberculosis=True)
+    pixels = synthetic_xray(np.random.default_rng(5), 64, tuberculosis=True)
     Image.fromarray(pixels, mode="L").save(tmp_path / "grey.png")
     Image.fromarray(np.stack([pixels] * 3, -1), mode="RGB").save(tmp_path / "rgb.jpg", quality=100)
     Image.fromarray(np.stack([pixels] * 3, -1), mode="RGB").save(tmp_path / "rgb.png")
-    ckpt = tb_common.load_checkpoint(save_tiny_checkpoint(tmp_path / "c.pth"))
-    model = tb_common.model_from_checkpoint(ckpt)
+    ckpt = load_checkpoint(save_tiny_checkpoint(tmp_path / "c.pth"))
+    model = model_from_checkpoint(ckpt)
     samples = gradcam.samples_from_paths([str(tmp_path / "grey.png"), str(tmp_path / "rgb.png")])
     assert [label for _, label in samples] == [gradcam.UNLABELLED] * 2
 
@@ -103,14 +127,15 @@ def test_arbitrary_images_greyscale_and_rgb_give_the_same_map(tmp_path):
 
 
 def test_batched_maps_equal_one_at_a_time(tmp_path):
-    model = tb_common.model_from_checkpoint(tb_common.load_checkpoint(save_tiny_checkpoint(tmp_path / "c.pth"))).eval()
+    model = model_from_checkpoint(load_checkpoint(save_tiny_checkpoint(tmp_path / "c.pth"))).eval()
     torch.manual_seed(1)
     batch = torch.randn(4, 3, 64, 64)
     targets = [0, 1, 1, 0]
 
     together = gradcam.compute_cams(model, model.layer4, batch, targets, "gradcam")
-    alone = np.concatenate([gradcam.compute_cams(model, model.layer4, batch[i:i + 1], targets[i:i + 1], "gradcam")
-                            for i in range(4)])
+    alone = np.concatenate(
+        [gradcam.compute_cams(model, model.layer4, batch[i : i + 1], targets[i : i + 1], "gradcam") for i in range(4)]
+    )
 
     np.testing.assert_allclose(together, alone, atol=1e-5)
     assert not any(module._forward_hooks for module in model.modules())  # the context manager cleaned up
@@ -126,8 +151,9 @@ def test_unreadable_image_is_a_clear_error(tmp_path):
     ckpt = save_tiny_checkpoint(tmp_path / "c.pth")
     (tmp_path / "broken.png").write_text("this is not a PNG")
     with pytest.raises(SystemExit) as error:
-        gradcam.main(["--checkpoint", str(ckpt), "--images", str(tmp_path / "broken.png"),
-                      "--output-dir", str(tmp_path / "out")])
+        gradcam.main(
+            ["--checkpoint", str(ckpt), "--images", str(tmp_path / "broken.png"), "--output-dir", str(tmp_path / "out")]
+        )
     assert f"cannot read image {tmp_path / 'broken.png'}" in str(error.value.code)
 
 
@@ -138,9 +164,15 @@ class BlobNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU())
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+        )
         self.fc = nn.Linear(32, 2)
 
     def forward(self, x):
@@ -158,7 +190,7 @@ def blob_images(folder, count, seed):
         img = rng.normal(0.35, 0.08, (64, 64))
         centre = rng.integers(10, 54, size=2)
         if label:
-            img += 0.6 * np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * 4.0 ** 2))
+            img += 0.6 * np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * 4.0**2))
         path = folder / f"{i:03d}.png"
         Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8), mode="L").save(path)
         samples.append((str(path), label, centre))
@@ -167,10 +199,10 @@ def blob_images(folder, count, seed):
 
 def test_pointing_game_and_faithfulness_on_blob_task(tmp_path):
     torch.manual_seed(0)
-    checkpoint = {"image_size": 64, "mean": list(tb_common.IMAGENET_MEAN), "std": list(tb_common.IMAGENET_STD)}
-    transform = tb_common.eval_transform(64)
+    checkpoint = {"image_size": 64, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    transform = eval_transform(64)
     train = blob_images(tmp_path / "train", 240, seed=0)
-    dataset = tb_common.XrayDataset([(p, label) for p, label, _ in train], transform)
+    dataset = XrayDataset([(p, label) for p, label, _ in train], transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True)
     model = BlobNet()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -181,9 +213,17 @@ def test_pointing_game_and_faithfulness_on_blob_task(tmp_path):
             optimizer.step()
 
     test = blob_images(tmp_path / "test", 40, seed=1)
-    explanations = gradcam.explain(model, model.features[-1], [(p, label) for p, label, _ in test], checkpoint,
-                                   torch.device("cpu"), "gradcam", "tuberculosis", batch_size=20,
-                                   score_faithfulness=False)
+    explanations = gradcam.explain(
+        model,
+        model.features[-1],
+        [(p, label) for p, label, _ in test],
+        checkpoint,
+        torch.device("cpu"),
+        "gradcam",
+        "tuberculosis",
+        batch_size=20,
+        score_faithfulness=False,
+    )
     hits = []
     for e, (_, label, centre) in zip(explanations, test):
         if label == 1 and not e.wrong:
@@ -193,7 +233,7 @@ def test_pointing_game_and_faithfulness_on_blob_task(tmp_path):
     assert np.mean(hits) >= 0.8
 
     positives = [(p, 1) for p, label, _ in test if label == 1][:10]
-    batch = torch.stack([transform(tb_common.load_xray(p)) for p, _ in positives])
+    batch = torch.stack([transform(load_xray(p)) for p, _ in positives])
     maps = gradcam.compute_cams(model, model.features[-1], batch, [1] * len(positives), "gradcam")
     real = gradcam.faithfulness(model, batch, maps, [1] * len(positives))
     inverted = gradcam.faithfulness(model, batch, 1 - maps, [1] * len(positives))

@@ -1,4 +1,5 @@
 """The ResNet50 builder, weight loading and the optimisation set-up."""
+
 from __future__ import annotations
 
 import os
@@ -7,29 +8,29 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 from torchvision import models
 
-import tb_common
-from conftest import ROOT
+from tbcxr.model import IMAGENET_WEIGHTS, build_model, build_optimizer, count_trainable, group_lrs
 
 
 def test_full_training_has_every_parameter_trainable():
-    model = tb_common.build_model("none")
-    assert tb_common.count_trainable(model) == 23_512_130
+    model = build_model("none")
+    assert count_trainable(model) == 23_512_130
     assert all(p.requires_grad for p in model.parameters())
     assert model.fc.out_features == 2
 
 
 def test_freeze_features_trains_only_the_head():
-    model = tb_common.build_model("none", freeze_features=True)
-    assert tb_common.count_trainable(model) == 2048 * 2 + 2
-    optimizer = tb_common.build_optimizer(model, lr=1e-3, backbone_lr_mult=0.1)
-    assert tb_common.group_lrs(optimizer) == {"classifier": 1e-3}
+    model = build_model("none", freeze_features=True)
+    assert count_trainable(model) == 2048 * 2 + 2
+    optimizer = build_optimizer(model, lr=1e-3, backbone_lr_mult=0.1)
+    assert group_lrs(optimizer) == {"classifier": 1e-3}
 
 
 def test_optimizer_groups_carry_differential_lrs_and_plateau_lowers_both():
-    model = tb_common.build_model("none")
-    optimizer = tb_common.build_optimizer(model, lr=1e-4, backbone_lr_mult=0.1)
+    model = build_model("none")
+    optimizer = build_optimizer(model, lr=1e-4, backbone_lr_mult=0.1)
     groups = {g["name"]: g for g in optimizer.param_groups}
     assert groups["backbone"]["lr"] == pytest.approx(1e-5)
     assert groups["classifier"]["lr"] == pytest.approx(1e-4)
@@ -39,9 +40,9 @@ def test_optimizer_groups_carry_differential_lrs_and_plateau_lowers_both():
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=2)
     for _ in range(3):  # improvement, then two flat epochs: within patience
         scheduler.step(1.0)
-    assert tb_common.group_lrs(optimizer)["classifier"] == pytest.approx(1e-4)
+    assert group_lrs(optimizer)["classifier"] == pytest.approx(1e-4)
     scheduler.step(1.0)  # third flat epoch exceeds patience 2
-    lrs = tb_common.group_lrs(optimizer)
+    lrs = group_lrs(optimizer)
     assert lrs["backbone"] == pytest.approx(1e-6) and lrs["classifier"] == pytest.approx(1e-5)
 
 
@@ -53,11 +54,11 @@ def reference_resnet50_state():
 
 def test_imagenet_weights_load_from_torch_hub_cache(tmp_path, monkeypatch, reference_resnet50_state):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    cached = tmp_path / "hub" / "checkpoints" / tb_common.IMAGENET_WEIGHTS.url.rsplit("/", 1)[1]
+    cached = tmp_path / "hub" / "checkpoints" / IMAGENET_WEIGHTS.url.rsplit("/", 1)[1]
     cached.parent.mkdir(parents=True)
     torch.save(reference_resnet50_state, cached)
 
-    model = tb_common.build_model("imagenet")
+    model = build_model("imagenet")
 
     assert torch.equal(model.conv1.weight, reference_resnet50_state["conv1.weight"])
     assert torch.equal(model.layer4[2].bn3.running_var, reference_resnet50_state["layer4.2.bn3.running_var"])
@@ -67,17 +68,31 @@ def test_imagenet_weights_load_from_torch_hub_cache(tmp_path, monkeypatch, refer
 def test_weights_from_a_local_state_dict_file(tmp_path, reference_resnet50_state):
     path = tmp_path / "resnet50.pth"
     torch.save(reference_resnet50_state, path)
-    model = tb_common.build_model(str(path))
+    model = build_model(str(path))
     assert torch.equal(model.layer1[0].conv1.weight, reference_resnet50_state["layer1.0.conv1.weight"])
 
 
 def test_unavailable_imagenet_weights_stop_with_instructions(tmp_path):
     # A fresh interpreter with an empty hub cache and a proxy on a closed port: the download fails at once.
     proxy = "http://127.0.0.1:9"
-    env = {**os.environ, "TORCH_HOME": str(tmp_path), "https_proxy": proxy, "HTTPS_PROXY": proxy,
-           "http_proxy": proxy, "HTTP_PROXY": proxy, "no_proxy": "", "NO_PROXY": ""}
-    result = subprocess.run([sys.executable, "-c", "import tb_common; tb_common.build_model('imagenet')"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "TORCH_HOME": str(tmp_path),
+        "https_proxy": proxy,
+        "HTTPS_PROXY": proxy,
+        "http_proxy": proxy,
+        "HTTP_PROXY": proxy,
+        "no_proxy": "",
+        "NO_PROXY": "",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", "from tbcxr.model import build_model; build_model('imagenet')"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
     assert result.returncode == 1
     assert "ImageNet weights are not available" in result.stderr and "Traceback" not in result.stderr
@@ -87,8 +102,8 @@ def test_unavailable_imagenet_weights_stop_with_instructions(tmp_path):
 
 def test_missing_or_foreign_weights_file_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
-        tb_common.build_model(str(tmp_path / "nope.pth"))
+        build_model(str(tmp_path / "nope.pth"))
     foreign = tmp_path / "foreign.pth"
     torch.save({"layer.weight": torch.zeros(2)}, foreign)
     with pytest.raises(SystemExit, match="not a ResNet50 state dict"):
-        tb_common.build_model(str(foreign))
+        build_model(str(foreign))

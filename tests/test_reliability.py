@@ -1,9 +1,11 @@
 """Faults injected for real: kills, interrupts, failed writes, a dying MLflow server,
 diverging losses, bad and unusual images, leaks, bad flags and hostile checkpoints."""
+
 from __future__ import annotations
 
 import io
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -13,13 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, free_port, learning_metrics, make_organized, start_mlflow_server, stop_process_group
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import resnet50_gradcam_tb_full as gradcam
 import resnet50_tb_full as trainer
-import tb_common
-from conftest import ROOT, free_port, learning_metrics, make_organized, start_mlflow_server, stop_process_group
+from tbcxr.checkpoint import checkpoint_dict, save_checkpoint, write_json
+from tbcxr.config import MANIFEST_NAME, PENDING_RECORDS_NAME
+from tbcxr.data import discover_dataset, make_split_manifest, prepare_manifest
+from tbcxr.data_quality import scan_images
+from tbcxr.decoding import load_xray
+from tbcxr.demo import synthetic_xray
+from tbcxr.model import build_model
 
 TINY = ["--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--weights", "none", "--seed", "3"]
 
@@ -29,8 +37,13 @@ def cli(*args) -> list[str]:
 
 
 def spawn(args, log: Path, **env) -> subprocess.Popen:
-    return subprocess.Popen(cli(*args), stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=log.parent,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+    return subprocess.Popen(
+        cli(*args),
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        cwd=log.parent,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+    )
 
 
 def wait_for_epoch_checkpoint(last: Path, process: subprocess.Popen, timeout: float = 180) -> None:
@@ -61,8 +74,9 @@ def data(tmp_path):
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, data):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = ["--data-dir", str(data), "--epochs", "3", "--deterministic", "--tracking-uri", uri, *TINY]
-    reference = subprocess.run(cli(*common, "--checkpoint-dir", str(tmp_path / "reference")),
-                               capture_output=True, text=True, timeout=300)
+    reference = subprocess.run(
+        cli(*common, "--checkpoint-dir", str(tmp_path / "reference")), capture_output=True, text=True, timeout=300
+    )
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     last = tmp_path / "killed" / "last.pth"
@@ -94,8 +108,20 @@ def test_ctrl_c_saves_marks_run_killed_and_prints_resume_command(tmp_path, data)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     last = tmp_path / "ckpt" / "last.pth"
     log = tmp_path / "train.log"
-    process = spawn(["--data-dir", str(data), "--epochs", "50", "--checkpoint-dir", str(tmp_path / "ckpt"),
-                     "--tracking-uri", uri, *TINY], log)
+    process = spawn(
+        [
+            "--data-dir",
+            str(data),
+            "--epochs",
+            "50",
+            "--checkpoint-dir",
+            str(tmp_path / "ckpt"),
+            "--tracking-uri",
+            uri,
+            *TINY,
+        ],
+        log,
+    )
     wait_for_epoch_checkpoint(last, process)
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=60) == 130
@@ -111,10 +137,10 @@ def test_ctrl_c_saves_marks_run_killed_and_prints_resume_command(tmp_path, data)
 # --------------------------------------------------------------------------- 3. atomic writes
 def test_failed_checkpoint_write_leaves_previous_file_intact(tmp_path):
     path = tmp_path / "last.pth"
-    tb_common.save_checkpoint({"epoch": 1, "weights": torch.ones(1000)}, path)
+    save_checkpoint({"epoch": 1, "weights": torch.ones(1000)}, path)
 
-    with pytest.raises(Exception):  # a lambda cannot be pickled: torch.save fails half-way through
-        tb_common.save_checkpoint({"epoch": 2, "weights": torch.zeros(10**6), "broken": lambda: None}, path)
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # a lambda cannot be pickled: torch.save fails half-way through
+        save_checkpoint({"epoch": 2, "weights": torch.zeros(10**6), "broken": lambda: None}, path)
 
     kept = torch.load(path, weights_only=True)
     assert kept["epoch"] == 1 and torch.equal(kept["weights"], torch.ones(1000))
@@ -123,11 +149,18 @@ def test_failed_checkpoint_write_leaves_previous_file_intact(tmp_path):
 
 def test_kill_during_checkpoint_writes_never_leaves_a_torn_file(tmp_path):
     path = tmp_path / "last.pth"
-    writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, torch, tb_common\n"
-        "for i in range(10**6):\n"
-        f"    tb_common.save_checkpoint({{'i': i, 'w': torch.full((4_000_000,), float(i))}}, {str(path)!r})\n"
-    )], cwd=ROOT)
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, torch\nfrom tbcxr.checkpoint import save_checkpoint\n"
+                "for i in range(10**6):\n"
+                f"    save_checkpoint({{'i': i, 'w': torch.full((4_000_000,), float(i))}}, {str(path)!r})\n"
+            ),
+        ],
+        cwd=ROOT,
+    )
     deadline = time.time() + 60
     while not path.exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -149,9 +182,23 @@ def test_mlflow_server_dying_mid_run_loses_nothing(tmp_path, data):
     ckpt = tmp_path / "ckpt"
     log = tmp_path / "train.log"
     try:
-        process = spawn(["--data-dir", str(data), "--epochs", "3", "--checkpoint-dir", str(ckpt),
-                         "--tracking-uri", uri, "--experiment", "dies", *TINY], log,
-                        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")  # fail over at once: the test need not wait
+        process = spawn(
+            [
+                "--data-dir",
+                str(data),
+                "--epochs",
+                "3",
+                "--checkpoint-dir",
+                str(ckpt),
+                "--tracking-uri",
+                uri,
+                "--experiment",
+                "dies",
+                *TINY,
+            ],
+            log,
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+        )  # fail over at once: the test need not wait
         wait_for_epoch_checkpoint(ckpt / "last.pth", process)
         stop_process_group(server, signal.SIGKILL)
         assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
@@ -161,7 +208,7 @@ def test_mlflow_server_dying_mid_run_loses_nothing(tmp_path, data):
     output = log.read_text()
     assert output.count("stopped answering") == 1
     assert (ckpt / "summary.json").is_file() and (ckpt / "best_resnet50_tb_full_trained.pth").is_file()
-    pending = ckpt / tb_common.PENDING_RECORDS_NAME
+    pending = ckpt / PENDING_RECORDS_NAME
     assert pending.is_file() and "test_auc" in pending.read_text()
 
     server = start_mlflow_server(store, port)  # the server comes back with the same store
@@ -182,14 +229,21 @@ def test_mlflow_server_dying_mid_run_loses_nothing(tmp_path, data):
 
 # --------------------------------------------------------------------------- 5, 6. NaN loss, OOM
 def test_non_finite_loss_stops_with_epoch_and_batch_and_keeps_best(tmp_path, data):
-    args = ["--data-dir", str(data), "--checkpoint-dir", str(tmp_path / "ckpt"),
-            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *TINY]
+    args = [
+        "--data-dir",
+        str(data),
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        *TINY,
+    ]
     trainer.main([*args, "--epochs", "1"])
     best = tmp_path / "ckpt" / "best_resnet50_tb_full_trained.pth"
     before = best.read_bytes()
 
     # A corrupted initial-weights file: one NaN in layer4 makes every loss NaN.
-    state = tb_common.build_model("none").state_dict()
+    state = build_model("none").state_dict()
     state["layer4.2.conv3.weight"][0, 0, 0, 0] = float("nan")
     torch.save(state, tmp_path / "corrupt.pth")
     with pytest.raises(SystemExit) as error:
@@ -206,19 +260,34 @@ def test_out_of_memory_gives_the_seeds_memory_advice(tmp_path, data, monkeypatch
 
     monkeypatch.setattr(trainer, "train_one_epoch", out_of_memory)
     with pytest.raises(SystemExit) as error:
-        trainer.main(["--data-dir", str(data), "--checkpoint-dir", str(tmp_path / "ckpt"), "--epochs", "1",
-                      "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *TINY])
+        trainer.main(
+            [
+                "--data-dir",
+                str(data),
+                "--checkpoint-dir",
+                str(tmp_path / "ckpt"),
+                "--epochs",
+                "1",
+                "--tracking-uri",
+                f"sqlite:///{tmp_path / 'mlflow.db'}",
+                *TINY,
+            ]
+        )
     message = str(error.value.code)
     assert "out of GPU memory" in message and "--batch-size 8" in message and "--amp" in message
 
 
 # --------------------------------------------------------------------------- bad input
 def corrupt_files(folder: Path) -> dict[str, Path]:
-    source = Image.fromarray(tb_common.synthetic_xray(np.random.default_rng(9), 40, True), mode="L")
+    source = Image.fromarray(synthetic_xray(np.random.default_rng(9), 40, True), mode="L")
     buffer = io.BytesIO()
     source.save(buffer, format="JPEG")
-    files = {"truncated": folder / "truncated.jpg", "empty": folder / "empty.png", "text": folder / "text.png",
-             "jpeg_as_png": folder / "jpeg_named.png"}
+    files = {
+        "truncated": folder / "truncated.jpg",
+        "empty": folder / "empty.png",
+        "text": folder / "text.png",
+        "jpeg_as_png": folder / "jpeg_named.png",
+    }
     files["truncated"].write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     files["empty"].write_bytes(b"")
     files["text"].write_text("not an image")
@@ -226,13 +295,24 @@ def corrupt_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def config_for(data, tmp_path, *extra) -> trainer.TrainConfig:
-    return trainer.config_from_args(["--data-dir", str(data), "--checkpoint-dir", str(tmp_path / "ckpt"), *TINY, *extra])
+def prepare(data, tmp_path, strict: bool = False, dedup: bool = False) -> dict:
+    """The trainer's data preparation with its default fractions and seed."""
+    defaults = trainer.TrainConfig()
+    return prepare_manifest(
+        str(data),
+        tmp_path / "manifest.json",
+        val_fraction=defaults.val_fraction,
+        test_fraction=defaults.test_fraction,
+        seed=defaults.seed,
+        strict=strict,
+        dedup=dedup,
+        workers=2,
+    )
 
 
 def test_unreadable_files_are_listed_once_and_skipped_or_refused(tmp_path, data, capsys):
     files = corrupt_files(data / "train" / "Tuberculosis")
-    manifest = trainer.prepare_manifest(config_for(data, tmp_path), tmp_path / "manifest.json")
+    manifest = prepare(data, tmp_path)
 
     unreadable = {Path(rel).name for rel, _ in manifest["unreadable"]}
     assert unreadable == {"truncated.jpg", "empty.png", "text.png"}
@@ -243,14 +323,14 @@ def test_unreadable_files_are_listed_once_and_skipped_or_refused(tmp_path, data,
     assert all(str(files[k]) in stderr for k in ("truncated", "empty", "text"))
 
     with pytest.raises(SystemExit, match="3 image files cannot be read"):
-        trainer.prepare_manifest(config_for(data, tmp_path, "--strict"), tmp_path / "manifest.json")
+        prepare(data, tmp_path, strict=True)
 
 
 def test_class_left_empty_after_skipping_is_an_error(tmp_path, data):
     for path in (data / "test" / "Tuberculosis").iterdir():
         path.write_bytes(b"")
     with pytest.raises(SystemExit, match="no readable Tuberculosis images left on the test side"):
-        trainer.prepare_manifest(config_for(data, tmp_path), tmp_path / "manifest.json")
+        prepare(data, tmp_path)
 
 
 def exif_rotated_png(pixels: np.ndarray, path: Path) -> None:
@@ -263,7 +343,7 @@ def exif_rotated_png(pixels: np.ndarray, path: Path) -> None:
 @pytest.mark.parametrize("variant", ["16bit", "rgba", "palette", "cmyk_jpeg", "exif_rotated", "large"])
 def test_unusual_images_decode_to_the_same_greyscale(tmp_path, variant):
     size = 2400 if variant == "large" else 64
-    pixels = tb_common.synthetic_xray(np.random.default_rng(11), size, tuberculosis=True)
+    pixels = synthetic_xray(np.random.default_rng(11), size, tuberculosis=True)
     path = tmp_path / f"{variant}.png"
     tolerance = 0
     if variant == "16bit":
@@ -282,7 +362,7 @@ def test_unusual_images_decode_to_the_same_greyscale(tmp_path, variant):
     else:
         Image.fromarray(pixels, mode="L").save(path)
 
-    loaded = tb_common.load_xray(path)
+    loaded = load_xray(path)
 
     assert loaded.mode == "L" and loaded.size == (size, size)
     assert np.abs(np.asarray(loaded, dtype=int) - pixels).max() <= tolerance
@@ -291,7 +371,7 @@ def test_unusual_images_decode_to_the_same_greyscale(tmp_path, variant):
 def test_decompression_bomb_limit_is_kept(tmp_path, monkeypatch):
     Image.fromarray(np.zeros((200, 200), np.uint8), mode="L").save(tmp_path / "bomb.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 40,000 pixels is over twice the limit
-    scan = tb_common.scan_images([str(tmp_path / "bomb.png")])
+    scan = scan_images([str(tmp_path / "bomb.png")])
     assert "DecompressionBombError" in scan.unreadable[str(tmp_path / "bomb.png")]
 
 
@@ -303,23 +383,26 @@ def test_duplicates_across_splits_are_reported_and_dedup_removes_them(tmp_path, 
     brighter = np.asarray(Image.open(train_image), dtype=int) + 6
     Image.fromarray(np.clip(brighter, 0, 255).astype(np.uint8), mode="L").save(near)
 
-    manifest = trainer.prepare_manifest(config_for(data, tmp_path), tmp_path / "manifest.json")
+    manifest = prepare(data, tmp_path)
     test_leaks = {(leak["kind"], Path(leak["test"]).name) for leak in manifest["leaks"] if "test" in leak}
     assert ("exact", "copy_of_train.png") in test_leaks and ("near", "brighter_train.png") in test_leaks
     assert "near-duplicate pairs" in capsys.readouterr().err
 
-    deduped = trainer.prepare_manifest(config_for(data, tmp_path, "--dedup"), tmp_path / "manifest.json")
+    deduped = prepare(data, tmp_path, dedup=True)
     test_names = {Path(rel).name for rel, _ in deduped["test"]}
     assert not {"copy_of_train.png", "brighter_train.png"} & test_names
     assert len(deduped["train"]) == len(manifest["train"])  # train keeps its copy
 
 
-@pytest.mark.parametrize("flag, value, complaint", [
-    ("--epochs", "-1", "must be a positive integer"),
-    ("--val-fraction", "1.5", "must lie strictly between 0 and 1"),
-    ("--device", "tpu", "invalid choice"),
-    ("--image-size", "16", "must be at least 32"),
-])
+@pytest.mark.parametrize(
+    "flag, value, complaint",
+    [
+        ("--epochs", "-1", "must be a positive integer"),
+        ("--val-fraction", "1.5", "must lie strictly between 0 and 1"),
+        ("--device", "tpu", "invalid choice"),
+        ("--image-size", "16", "must be at least 32"),
+    ],
+)
 def test_wrong_cli_values_fail_in_argparse(flag, value, complaint, capsys):
     with pytest.raises(SystemExit) as error:
         trainer.config_from_args([flag, value])
@@ -330,10 +413,10 @@ def test_wrong_cli_values_fail_in_argparse(flag, value, complaint, capsys):
 def test_outputs_inside_the_data_folder_are_refused(tmp_path, data):
     with pytest.raises(SystemExit, match="inside the data folder"):
         trainer.main(["--data-dir", str(data), "--checkpoint-dir", str(data / "ckpt"), *TINY])
-    manifest = tb_common.make_split_manifest(tb_common.discover_dataset(data), 0.2, 0.2, seed=0)
-    tb_common.write_json(manifest, tmp_path / "ckpt" / tb_common.MANIFEST_NAME)
-    model = tb_common.build_model("none")
-    tb_common.save_checkpoint(tb_common.checkpoint_dict(model, {}, 32), tmp_path / "ckpt" / "best.pth")
+    manifest = make_split_manifest(discover_dataset(data), 0.2, 0.2, seed=0)
+    write_json(manifest, tmp_path / "ckpt" / MANIFEST_NAME)
+    model = build_model("none")
+    save_checkpoint(checkpoint_dict(model, {}, 32), tmp_path / "ckpt" / "best.pth")
     with pytest.raises(SystemExit, match="inside the data folder"):
         gradcam.main(["--checkpoint", str(tmp_path / "ckpt" / "best.pth"), "--output-dir", str(data / "cams")])
     assert not (data / "ckpt").exists() and not (data / "cams").exists()
@@ -353,9 +436,11 @@ def test_checkpoints_that_would_run_code_are_refused_by_both_scripts(tmp_path):
     evil = tmp_path / "evil.pth"
     torch.save({"format": 1, "model": RunsCodeOnLoad(marker)}, evil)
 
-    for run in (lambda: trainer.main(["--resume", str(evil)]),
-                lambda: gradcam.main(["--checkpoint", str(evil)]),
-                lambda: tb_common.build_model(str(evil))):
+    for run in (
+        lambda: trainer.main(["--resume", str(evil)]),
+        lambda: gradcam.main(["--checkpoint", str(evil)]),
+        lambda: build_model(str(evil)),
+    ):
         with pytest.raises(SystemExit) as error:
             run()
         assert "safe, readable" in str(error.value.code)

@@ -1,4 +1,5 @@
 """End-to-end training runs against real MLflow stores, resume, and CLI errors."""
+
 from __future__ import annotations
 
 import json
@@ -7,18 +8,26 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, SHARED_DATA
 from mlflow.tracking import MlflowClient
 
 import resnet50_tb_full as trainer
-import tb_common
-from conftest import ROOT, SHARED_DATA
+from tbcxr.checkpoint import model_from_checkpoint
 
 TINY = ["--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--weights", "none"]
 
 
 def train(tmp_path, data_dir, tracking_uri, *extra):
-    argv = ["--data-dir", str(data_dir), "--checkpoint-dir", str(tmp_path / "ckpt"),
-            "--tracking-uri", tracking_uri, *TINY, *extra]
+    argv = [
+        "--data-dir",
+        str(data_dir),
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+        "--tracking-uri",
+        tracking_uri,
+        *TINY,
+        *extra,
+    ]
     return trainer.main(argv)
 
 
@@ -31,17 +40,30 @@ def test_two_epochs_write_every_checkpoint_summary_and_mlflow_run(tmp_path, orga
     summary = train(tmp_path, organized_data, uri, "--epochs", "2", "--save-every", "1")
     out = capsys.readouterr().out
 
-    for line in ("Training ResNet50 for TB classification - FULL NETWORK TRAINING", "Device: cpu",
-                 "ALL LAYERS TRAINABLE - Full network training enabled",
-                 "Model has 23,512,130 trainable parameters",
-                 "Using different learning rates: Backbone 1.00e-05, Classifier 1.00e-04",
-                 "Epoch 1: Loss=", "Epoch 2: Loss=", "Val Results - Accuracy: ", "Test Results - Accuracy: "):
+    for line in (
+        "Training ResNet50 for TB classification - FULL NETWORK TRAINING",
+        "Device: cpu",
+        "ALL LAYERS TRAINABLE - Full network training enabled",
+        "Model has 23,512,130 trainable parameters",
+        "Using different learning rates: Backbone 1.00e-05, Classifier 1.00e-04",
+        "Epoch 1: Loss=",
+        "Epoch 2: Loss=",
+        "Val Results - Accuracy: ",
+        "Test Results - Accuracy: ",
+    ):
         assert line in out
     ckpt_dir = tmp_path / "ckpt"
     periodic = sorted(ckpt_dir.glob("*_epoch*_resnet50_tb_full_trained.pth"))
     assert [p.name.split("_")[1] for p in periodic] == ["epoch1", "epoch2"]
-    for name in ("best_resnet50_tb_full_trained.pth", "last.pth", "split_manifest.json", "summary.json",
-                 "confusion_matrix.png", "roc_curve.png", "classification_report.txt"):
+    for name in (
+        "best_resnet50_tb_full_trained.pth",
+        "last.pth",
+        "split_manifest.json",
+        "summary.json",
+        "confusion_matrix.png",
+        "roc_curve.png",
+        "classification_report.txt",
+    ):
         assert (ckpt_dir / name).is_file(), name
 
     best = torch.load(ckpt_dir / "best_resnet50_tb_full_trained.pth", map_location="cpu", weights_only=True)
@@ -49,11 +71,17 @@ def test_two_epochs_write_every_checkpoint_summary_and_mlflow_run(tmp_path, orga
     assert best["class_names"] == ["Normal", "Tuberculosis"] and best["image_size"] == 32
     assert best["config"]["epochs"] == 2 and best["mlflow_run_id"] == summary["mlflow_run_id"]
     assert last["epoch"] == 2 and {"optimizer", "scheduler", "scaler"} <= last.keys()
-    model = tb_common.model_from_checkpoint(best)
+    model = model_from_checkpoint(best)
     assert torch.equal(model.fc.weight, best["model"]["fc.weight"])
 
     written = json.loads((ckpt_dir / "summary.json").read_text())
-    assert set(written["test_metrics"]) >= {"test_accuracy", "test_f1", "test_sensitivity", "test_specificity", "test_auc"}
+    assert set(written["test_metrics"]) >= {
+        "test_accuracy",
+        "test_f1",
+        "test_sensitivity",
+        "test_specificity",
+        "test_auc",
+    }
     client = MlflowClient(uri)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
@@ -64,7 +92,10 @@ def test_two_epochs_write_every_checkpoint_summary_and_mlflow_run(tmp_path, orga
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"split_manifest.json", "summary.json", "test"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "test")} == {
-        "test/confusion_matrix.png", "test/roc_curve.png", "test/classification_report.txt"}
+        "test/confusion_matrix.png",
+        "test/roc_curve.png",
+        "test/classification_report.txt",
+    }
     assert client.search_logged_models([run.info.experiment_id])[0].source_run_id == run.info.run_id
 
     # --resume continues the same run from the saved epoch.
@@ -85,16 +116,30 @@ def test_run_against_a_real_mlflow_server(tmp_path, organized_data, mlflow_serve
 
 
 def run_cli(*args, cwd=ROOT, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "resnet50_tb_full.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "resnet50_tb_full.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def test_explicit_tracking_uri_that_does_not_answer_stops_before_training(tmp_path, organized_data):
     from conftest import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
-    result = run_cli("--data-dir", str(organized_data), "--tracking-uri", dead, "--checkpoint-dir",
-                     str(tmp_path / "ckpt"), *TINY, cwd=tmp_path)
+    result = run_cli(
+        "--data-dir",
+        str(organized_data),
+        "--tracking-uri",
+        dead,
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+        *TINY,
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
     assert f"the MLflow tracking server {dead} does not answer" in result.stderr
     assert "Epoch 1" not in result.stdout

@@ -1,0 +1,356 @@
+"""Data sets: folder layouts, the split manifest, transforms, datasets, samplers and loaders.
+
+A data folder is discovered once, split (seeded, stratified) into train/val/test and written
+to a split manifest that every later step, --resume, --test-only and GradCAM reuse.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision import transforms
+
+from .checkpoint import read_json, write_json
+from .config import AUGMENTATION, CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, MANIFEST_NAME
+from .data_quality import drop_leaks, find_leaks, scan_images
+from .decoding import IMAGE_EXTENSIONS, load_xray
+from .fast_data import CachedBatches, DeviceBatches, decoded_cache, train_cache_size
+from .runtime import SINGLE_PROCESS, DistributedContext, ShardOrder, shard
+
+EXPECTED_LAYOUT = """Expected one of these layouts (class folder names match case-insensitively):
+  organized:  DIR/train/Normal/*.png  DIR/train/Tuberculosis/*.png
+              DIR/test/Normal/*.png   DIR/test/Tuberculosis/*.png
+  raw Kaggle: DIR/Normal/*.png        DIR/Tuberculosis/*.png
+              (or one folder deeper, e.g. DIR/TB_Chest_Radiography_Database/Normal)
+No data at hand? Run with --demo to generate a small synthetic data set."""
+
+
+@dataclass
+class DataSplit:
+    """Image paths and labels of one data set; `test` is None for the raw layout."""
+
+    root: Path
+    layout: str  # "organized" or "raw"
+    train: list[tuple[str, int]]
+    test: list[tuple[str, int]] | None
+
+
+class DataLayoutError(SystemExit):
+    """Raised for a missing or malformed data folder; exits with a readable message."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"error: {problem}\n{EXPECTED_LAYOUT}")
+
+
+def _child_dirs_by_lower_name(folder: Path) -> dict[str, Path]:
+    return {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_dir()}
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files in a folder, sorted; skips hidden files (.DS_Store), Thumbs.db, spreadsheets."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def find_class_dirs(folder: Path) -> dict[int, Path] | None:
+    """Map label -> class folder when `folder` holds every class folder, else None."""
+    children = _child_dirs_by_lower_name(folder)
+    found = {label: children.get(name.lower()) for label, name in enumerate(CLASS_NAMES)}
+    return found if all(found.values()) else None
+
+
+def labelled_images(class_dirs: dict[int, Path]) -> list[tuple[str, int]]:
+    samples = []
+    for label, folder in sorted(class_dirs.items()):
+        images = list_images(folder)
+        if not images:
+            raise DataLayoutError(f"class folder {folder} holds no images")
+        samples += [(str(p), label) for p in images]
+    return samples
+
+
+def discover_dataset(data_dir: str | Path) -> DataSplit:
+    """Find the organized (train/test) or the raw Kaggle (class folders only) layout."""
+    root = Path(data_dir).expanduser().resolve()
+    if not str(data_dir) or not root.is_dir():
+        raise DataLayoutError(f"data folder '{data_dir}' does not exist (set --data-dir or TB_DATA_DIR)")
+    children = _child_dirs_by_lower_name(root)
+    if "train" in children:
+        train_dirs = find_class_dirs(children["train"])
+        test_dirs = find_class_dirs(children["test"]) if "test" in children else None
+        if train_dirs is None or test_dirs is None:
+            raise DataLayoutError(
+                f"{root} has a train folder but not train/ and test/ each with Normal and Tuberculosis"
+            )
+        return DataSplit(root, "organized", labelled_images(train_dirs), labelled_images(test_dirs))
+    class_dirs = find_class_dirs(root)
+    if class_dirs is None:  # the Kaggle zip unpacks to one extra folder level
+        nested = [d for d in children.values() if find_class_dirs(d)]
+        if len(nested) == 1:
+            class_dirs = find_class_dirs(nested[0])
+    if class_dirs is None:
+        raise DataLayoutError(f"no Normal and Tuberculosis folders found in {root}")
+    return DataSplit(root, "raw", labelled_images(class_dirs), None)
+
+
+def stratified_split(samples: list[tuple[str, int]], fraction: float, seed: int):
+    """Seeded stratified split; the held-out side gets at least one image per class."""
+    from sklearn.model_selection import train_test_split
+
+    labels = [label for _, label in samples]
+    held_out = max(len(CLASS_NAMES), round(fraction * len(samples)))
+    kept, taken = train_test_split(samples, test_size=held_out, stratify=labels, random_state=seed)
+    return sorted(kept), sorted(taken)
+
+
+def make_split_manifest(data: DataSplit, val_fraction: float, test_fraction: float, seed: int) -> dict:
+    """Train/val/test lists (paths relative to the data root) that every later step reuses."""
+    train, test = data.train, data.test
+    if test is None:
+        train, test = stratified_split(train, test_fraction, seed)
+    train, val = stratified_split(train, val_fraction, seed)
+
+    def rel(samples):
+        return [[os.path.relpath(path, data.root), label] for path, label in samples]
+
+    return {
+        "data_dir": str(data.root.resolve()),
+        "layout": data.layout,
+        "seed": seed,
+        "class_names": list(CLASS_NAMES),
+        "train": rel(train),
+        "val": rel(val),
+        "test": rel(test),
+    }
+
+
+def manifest_samples(manifest: dict, side: str) -> list[tuple[str, int]]:
+    root = Path(manifest["data_dir"])
+    return [(str(root / rel), int(label)) for rel, label in manifest[side]]
+
+
+def held_out_samples(checkpoint_path: Path, data_dir: str = "") -> tuple[list[tuple[str, int]], str]:
+    """The labelled images to test a checkpoint on, and where they come from.
+
+    An organized DIR gives its test/ side. A raw DIR that the checkpoint was trained on gives
+    the test side of the split manifest beside the checkpoint; any other raw DIR (an external
+    hospital's Normal/Tuberculosis folders) is used whole. No DIR: the manifest's test side."""
+    manifest_path = Path(checkpoint_path).parent / MANIFEST_NAME
+    manifest = read_json(manifest_path) if manifest_path.is_file() else None
+    if data_dir:
+        data = discover_dataset(data_dir)
+        if data.test is not None:
+            return data.test, f"test/ side of {data.root}"
+        if manifest is None or Path(manifest["data_dir"]) != data.root:
+            return data.train, f"all of {data.root} (external test set)"
+    if manifest is None:
+        raise SystemExit(
+            f"error: no {MANIFEST_NAME} beside {checkpoint_path}; pass --data-dir with a "
+            "train/test layout or a labelled Normal/Tuberculosis folder"
+        )
+    return manifest_samples(manifest, "test"), f"test side of {manifest_path}"
+
+
+def train_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> transforms.Compose:
+    """The original design's enhanced augmentation (saturation jitter dropped: a no-op on greyscale)."""
+    a = AUGMENTATION
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size, scale=a["crop_scale"], ratio=a["crop_ratio"]),
+            transforms.RandomHorizontalFlip(a["hflip_p"]),
+            transforms.RandomRotation(degrees=a["degrees"]),
+            transforms.ColorJitter(brightness=a["brightness"], contrast=a["contrast"]),
+            transforms.Grayscale(num_output_channels=3),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+
+
+def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> transforms.Compose:
+    return transforms.Compose(
+        [
+            transforms.Resize((size, size)),
+            transforms.Grayscale(num_output_channels=3),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+
+
+class XrayDataset(torch.utils.data.Dataset):
+    """(path, label) pairs decoded through load_xray and a transform."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform):
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        path, label = self.samples[index]
+        image = load_xray(path)
+        if seed is not None:  # the sample's augmentation depends only on the sampler's seed
+            torch.manual_seed(seed)
+        return self.transform(image), label
+
+
+class EpochSampler(torch.utils.data.Sampler[tuple[int, int]]):
+    """Seeded per-epoch shuffle, optionally over a RandomOverSampler-balanced index set.
+
+    Yields (index, augmentation seed) pairs that depend only on (seed, epoch), so a
+    resumed run sees the same batches and the same augmentations, with any worker count.
+    """
+
+    def __init__(self, labels: list[int], seed: int, oversample: bool, dist: DistributedContext = SINGLE_PROCESS):
+        self.labels, self.seed, self.oversample, self.dist = np.asarray(labels), seed, oversample, dist
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_indices(self) -> np.ndarray:
+        indices = np.arange(len(self.labels))
+        if self.oversample:
+            from imblearn.over_sampling import RandomOverSampler
+
+            sampler = RandomOverSampler(random_state=self.seed + self.epoch)
+            resampled, _ = sampler.fit_resample(indices.reshape(-1, 1), self.labels)
+            indices = resampled.ravel()
+        order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return indices[order.numpy()]
+
+    def __iter__(self):
+        indices = self.epoch_indices()
+        generator = torch.Generator().manual_seed(10_000 * self.seed + self.epoch + 1)
+        seeds = torch.randint(2**31 - 1, (len(indices),), generator=generator)
+        # Every rank draws the same epoch order and takes its own disjoint share of it.
+        return iter(shard(list(zip(indices.tolist(), seeds.tolist())), self.dist))
+
+    def __len__(self) -> int:
+        total = (
+            int(np.bincount(self.labels).max()) * len(np.unique(self.labels)) if self.oversample else len(self.labels)
+        )
+        return -(-total // self.dist.world_size)
+
+
+def make_loaders(
+    manifest: dict,
+    device: torch.device,
+    *,
+    image_size: int,
+    batch_size: int,
+    seed: int,
+    oversample: bool,
+    fast_data: bool,
+    cache_dir: Path,
+    num_workers: int,
+    dist: DistributedContext = SINGLE_PROCESS,
+):
+    """Train, validation and test loaders (this rank's shards): the fast cached/device path,
+    or per-image PIL transforms."""
+    train = manifest_samples(manifest, "train")
+    size = image_size
+    sampler = EpochSampler([label for _, label in train], seed, oversample, dist)
+    drop_last = len(sampler) > batch_size
+    sides = {side: manifest_samples(manifest, side) for side in ("val", "test")}
+    eval_batch = max(batch_size * 4, 64)  # no gradients: larger batches are free
+    if fast_data:
+        workers = max(2, num_workers)
+        pin = device.type == "cuda"
+
+        def cached(samples, cache_size, batch_size, sampler=None, drop=False):
+            cache = decoded_cache([p for p, _ in samples], cache_size, cache_dir, workers)
+            return CachedBatches(cache, [label for _, label in samples], batch_size, sampler, drop, pin)
+
+        channels_last = device.type == "cuda"
+        train_loader = DeviceBatches(
+            cached(train, train_cache_size(size), batch_size, sampler, drop_last),
+            device,
+            size,
+            augment=True,
+            channels_last=channels_last,
+        )
+        val_loader, test_loader = (
+            DeviceBatches(
+                cached(sides[side], size, eval_batch, ShardOrder(len(sides[side]), dist)),
+                device,
+                size,
+                augment=False,
+                channels_last=channels_last,
+            )
+            for side in ("val", "test")
+        )
+        return train_loader, val_loader, test_loader
+    loader_args = dict(num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+    train_loader = torch.utils.data.DataLoader(
+        XrayDataset(train, train_transform(size)),
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        **loader_args,
+    )
+    val_loader, test_loader = (
+        torch.utils.data.DataLoader(
+            XrayDataset(sides[side], eval_transform(size)),
+            batch_size=eval_batch,
+            sampler=ShardOrder(len(sides[side]), dist),
+            **loader_args,
+        )
+        for side in ("val", "test")
+    )
+    return train_loader, val_loader, test_loader
+
+
+def prepare_manifest(
+    data_dir: str,
+    manifest_path: Path,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    strict: bool,
+    dedup: bool,
+    workers: int,
+) -> dict:
+    """Discover, decode-check, split and leak-check the data; write the split manifest."""
+    data = discover_dataset(data_dir)
+    paths = [path for path, _ in data.train + (data.test or [])]
+    scan = scan_images(paths, workers=workers)
+    if scan.unreadable:
+        listing = "\n".join(f"  {path}: {reason}" for path, reason in sorted(scan.unreadable.items()))
+        if strict:
+            raise SystemExit(f"error: {len(scan.unreadable)} image files cannot be read (--strict):\n{listing}")
+        print(f"WARNING: skipping {len(scan.unreadable)} image files that cannot be read:\n{listing}", file=sys.stderr)
+        data.train = [s for s in data.train if s[0] not in scan.unreadable]
+        data.test = None if data.test is None else [s for s in data.test if s[0] not in scan.unreadable]
+        for side, samples in (("train", data.train), ("test", data.test or data.train)):
+            missing = set(range(len(CLASS_NAMES))) - {label for _, label in samples}
+            if missing:
+                raise DataLayoutError(f"no readable {CLASS_NAMES[min(missing)]} images left on the {side} side")
+    manifest = make_split_manifest(data, val_fraction, test_fraction, seed)
+    manifest["unreadable"] = [[os.path.relpath(p, data.root), reason] for p, reason in sorted(scan.unreadable.items())]
+    leaks = find_leaks(manifest, scan)
+    if leaks:
+        exact = sum(leak["kind"] == "exact" for leak in leaks)
+        action = "removed from the held-out side (--dedup)" if dedup else "kept; --dedup removes them"
+        print(
+            f"WARNING: {exact} exact and {len(leaks) - exact} near-duplicate pairs between train, val and test "
+            f"({action}); list in {manifest_path.name}",
+            file=sys.stderr,
+        )
+        if dedup:
+            manifest = drop_leaks(manifest, leaks)
+    manifest["leaks"] = leaks
+    write_json(manifest, manifest_path)
+    return manifest

@@ -1,0 +1,334 @@
+"""--test-only and --compare: score checkpoints on held-out images and write reports.
+
+Every metric is reported with a seeded, stratified 95% bootstrap interval at the operating
+points stored in the checkpoint; a comparison scores both checkpoints on the same images and
+tests the AUC difference with a paired bootstrap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, model_from_checkpoint, read_json, write_json
+from .config import CLASS_NAMES, FULL_TRAINING, SUMMARY_NAME, profile_of
+from .data import XrayDataset, eval_transform, held_out_samples
+from .figures import comparison_roc_figure, gradcam_row, save_evaluation_figures, training_curves_figure
+from .metrics import (
+    THRESHOLD_FREE_METRICS,
+    THRESHOLD_NAMES,
+    WHO_TRIAGE_MIN_SPECIFICITY,
+    WHO_TRIAGE_SENSITIVITY,
+    bootstrap_indices,
+    bootstrap_metrics,
+    classification_metrics,
+    expected_calibration_error,
+    format_p_value,
+    format_results,
+    tb_probability,
+    with_intervals,
+)
+from .model import predict_logits
+from .tracking import log_evaluation_run, metric_histories, resolve_tracking_uri
+
+REPORT_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "f1",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "auc",
+    "average_precision",
+)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How checkpoints are scored: where, in which batches, and how the intervals are drawn."""
+
+    device: torch.device
+    batch_size: int
+    num_workers: int
+    resamples: int
+    seed: int
+
+
+def predict_checkpoint(checkpoint: dict, samples, device, batch_size: int, num_workers: int):
+    """Labels and (temperature-scaled) TB probabilities of a checkpoint on labelled samples."""
+    model = model_from_checkpoint(checkpoint).to(device)
+    transform = eval_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
+    loader = torch.utils.data.DataLoader(
+        XrayDataset(samples, transform), batch_size=batch_size, num_workers=num_workers
+    )
+    labels, logits, _ = predict_logits(model, loader, device)
+    return labels, tb_probability(logits, checkpoint.get("temperature", 1.0)).numpy()
+
+
+def evaluation_report(labels, probs, thresholds: dict[str, float], resamples: int, seed: int) -> dict:
+    """Every metric with a 95% bootstrap CI at each stored threshold, plus calibration."""
+    from sklearn.metrics import brier_score_loss, confusion_matrix
+
+    report = {
+        "n_images": int(len(labels)),
+        "class_counts": {name: int((labels == i).sum()) for i, name in enumerate(CLASS_NAMES)},
+        "bootstrap_resamples": resamples,
+        "thresholds": {},
+    }
+    draws = bootstrap_metrics(labels, probs, thresholds, resamples, seed)
+    for name, threshold in thresholds.items():
+        point = classification_metrics(labels, probs, threshold)
+        matrix = confusion_matrix(labels, (probs >= threshold).astype(int), labels=[0, 1])
+        report["thresholds"][name] = {
+            "threshold": threshold,
+            "metrics": with_intervals(point, draws[name]),
+            "confusion_matrix": matrix.tolist(),
+        }
+    if "who_triage" in report["thresholds"]:
+        metrics = report["thresholds"]["who_triage"]["metrics"]
+        report["who_triage"] = {
+            "sensitivity": metrics["sensitivity"]["value"],
+            "specificity": metrics["specificity"]["value"],
+            "meets_sensitivity_target": metrics["sensitivity"]["value"] >= WHO_TRIAGE_SENSITIVITY,
+            "meets_minimum_specificity": metrics["specificity"]["value"] >= WHO_TRIAGE_MIN_SPECIFICITY,
+        }
+    report["calibration"] = {
+        "brier_score": float(brier_score_loss(labels, probs)),
+        "expected_calibration_error": expected_calibration_error(labels, probs),
+    }
+    return report
+
+
+def format_interval(entry: dict) -> str:
+    return f"{entry['value']:.4f} [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
+
+
+def print_report(report: dict) -> None:
+    names = list(report["thresholds"])
+    print(
+        f"{'metric (95% CI)':<20}"
+        + "".join(
+            f"{THRESHOLD_NAMES.get(n, n) + ' t=' + format(report['thresholds'][n]['threshold'], '.3f'):<28}"
+            for n in names
+        )
+    )
+    for metric in REPORT_METRICS:
+        print(
+            f"{metric:<20}"
+            + "".join(f"{format_interval(report['thresholds'][n]['metrics'][metric]):<28}" for n in names)
+        )
+    if "who_triage" in report:
+        who = report["who_triage"]
+        print(
+            f"WHO triage point: sensitivity {who['sensitivity']:.4f} "
+            f"(target 0.90 met: {who['meets_sensitivity_target']}), "
+            f"specificity {who['specificity']:.4f} (WHO minimum 0.70 met: {who['meets_minimum_specificity']})"
+        )
+    calibration = report["calibration"]
+    print(f"Calibration: Brier {calibration['brier_score']:.4f}, ECE {calibration['expected_calibration_error']:.4f}")
+
+
+def report_metrics(report: dict) -> dict[str, float]:
+    flat = {}
+    for name, entry in report["thresholds"].items():
+        for metric, value in entry["metrics"].items():
+            flat |= {
+                f"{name}_{metric}": value["value"],
+                f"{name}_{metric}_ci_low": value["ci_low"],
+                f"{name}_{metric}_ci_high": value["ci_high"],
+            }
+    return flat | report["calibration"]
+
+
+def score_checkpoint(checkpoint: dict, samples, scoring: Scoring):
+    """Labels, probabilities and the full evaluation report of one checkpoint on labelled samples."""
+    labels, probs = predict_checkpoint(checkpoint, samples, scoring.device, scoring.batch_size, scoring.num_workers)
+    thresholds = {"default": 0.5, **checkpoint.get("thresholds", {})}
+    return labels, probs, evaluation_report(labels, probs, thresholds, scoring.resamples, scoring.seed)
+
+
+def test_only(checkpoint_path: Path, data_dir: str, scoring: Scoring, tracking_uri: str) -> dict:
+    """--test-only: evaluate one checkpoint on one labelled folder, with intervals and figures."""
+    checkpoint_path = Path(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path)
+    samples, source = held_out_samples(checkpoint_path, data_dir)
+    name = Path(data_dir).resolve().name if data_dir else "test"
+    print(f"Evaluating {checkpoint_path} on {len(samples)} images: {source}")
+    labels, probs, report = score_checkpoint(checkpoint, samples, scoring)
+    print(format_results("Test", classification_metrics(labels, probs)))
+    report |= {
+        "checkpoint": str(checkpoint_path),
+        "data": source,
+        "temperature": checkpoint.get("temperature", 1.0),
+        "training_run_id": checkpoint.get("mlflow_run_id", ""),
+    }
+    print_report(report)
+    out = checkpoint_path.parent / f"eval_{name}"
+    json_path = Path(f"{out}.json")
+    write_json(report, json_path)
+    paths = [json_path, *save_evaluation_figures(labels, probs, report, out, name)]
+    uri, run = checkpoint.get("tracking_uri", ""), checkpoint.get("mlflow_run_id", "")
+    histories = metric_histories(uri, run, ("train_loss", "val_loss", "val_auc"))
+    if histories is None:
+        print(f"Training curves: MLflow run {run or '?'} not reachable at {uri or '?'}; skipped")
+    else:
+        paths.append(training_curves_figure(histories, Path(f"{out}_training_curves.png")))
+    profile = profile_of(checkpoint)
+    tracking_uri, _ = resolve_tracking_uri(tracking_uri, profile.port)
+    run_id = log_evaluation_run(
+        tracking_uri,
+        checkpoint["config"].get("experiment", profile.experiment),
+        f"eval-{name}",
+        {"training_run_id": report["training_run_id"], "checkpoint": checkpoint_path, "data": source},
+        report_metrics(report),
+        paths,
+    )
+    print(f"Wrote {json_path} and {len(paths) - 1} figures; MLflow evaluation run {run_id} ({tracking_uri})")
+    return report
+
+
+def paired_auc_difference(labels, probs_a, probs_b, resamples: int, seed: int) -> dict[str, float]:
+    """AUC(B) - AUC(A) on the same images, with a paired stratified bootstrap CI and two-sided p-value
+    (DeLong's test is in no maintained Python library we depend on)."""
+    from sklearn.metrics import roc_auc_score
+
+    differences = np.asarray(
+        [
+            roc_auc_score(labels[i], probs_b[i]) - roc_auc_score(labels[i], probs_a[i])
+            for i in bootstrap_indices(labels, resamples, seed)
+        ]
+    )
+    low, high = np.percentile(differences, [2.5, 97.5])
+    p_value = min(1.0, 2 * min((differences <= 0).mean(), (differences >= 0).mean()))
+    return {
+        "difference": float(roc_auc_score(labels, probs_b) - roc_auc_score(labels, probs_a)),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "p_value": float(p_value),
+    }
+
+
+def training_facts(checkpoint_path: Path, checkpoint: dict) -> dict:
+    """Time, epochs and memory of the whole training run (summary.json beside it, when present)."""
+    summary_path = checkpoint_path.parent / SUMMARY_NAME
+    summary = read_json(summary_path) if summary_path.is_file() else {}
+    return {
+        "trainable_parameters": checkpoint.get("trainable_parameters", 0),
+        "train_seconds": summary.get("train_seconds", checkpoint.get("train_seconds", float("nan"))),
+        "epochs_trained": summary.get("epochs_trained", checkpoint.get("epoch", 0)),
+        "best_epoch": checkpoint.get("best_epoch", 0),
+        "peak_memory_mb": summary.get("peak_memory_mb", checkpoint.get("peak_memory_mb", float("nan"))),
+    }
+
+
+def comparison_rows(results: list[dict], facts: list[dict]) -> list[tuple[str, list[str]]]:
+    """The comparison table: what each training cost, then every metric with its interval."""
+    rows = [
+        ("Trainable parameters", [f"{f['trainable_parameters']:,}" for f in facts]),
+        ("Training time (wall clock)", [f"{f['train_seconds']:.1f} s" for f in facts]),
+        ("Epochs to best (of trained)", [f"{f['best_epoch']} of {f['epochs_trained']}" for f in facts]),
+        ("Peak memory (GPU allocated on CUDA, else process RSS)", [f"{f['peak_memory_mb']:.0f} MB" for f in facts]),
+    ]
+    for metric in REPORT_METRICS:
+        where = "threshold-free" if metric in THRESHOLD_FREE_METRICS else "at 0.5"
+        rows.append(
+            (
+                f"{metric} {where} (95% CI)",
+                [format_interval(r["report"]["thresholds"]["default"]["metrics"][metric]) for r in results],
+            )
+        )
+    for title, threshold in (("Youden's J", "youden"), ("WHO triage", "who_triage")):
+        if all(threshold in r["report"]["thresholds"] for r in results):
+            entries = [r["report"]["thresholds"][threshold] for r in results]
+            rows.append(
+                (
+                    f"sensitivity / specificity at {title} (validation-chosen t)",
+                    [
+                        f"{e['metrics']['sensitivity']['value']:.4f} / {e['metrics']['specificity']['value']:.4f} "
+                        f"(t={e['threshold']:.3f})"
+                        for e in entries
+                    ],
+                )
+            )
+    rows.append(
+        (
+            "Brier score / ECE",
+            [
+                f"{r['report']['calibration']['brier_score']:.4f} / "
+                f"{r['report']['calibration']['expected_calibration_error']:.4f}"
+                for r in results
+            ],
+        )
+    )
+    return rows
+
+
+def compare_checkpoints(paths: list[Path], data_dir: str, scoring: Scoring, tracking_uri: str) -> dict:
+    """--compare A B: both checkpoints on the same images; reports/comparison.md plus figures."""
+    paths = [Path(p) for p in paths]
+    checkpoints = [load_checkpoint(p) for p in paths]
+    samples, source = held_out_samples(paths[0], data_dir)
+    labels_of = [profile_of(c).gradcam_label for c in checkpoints]
+    names = [f"{label} ({path.name})" for label, path in zip(labels_of, paths)]
+    print(f"Comparing {names[0]} and {names[1]} on {len(samples)} images: {source}")
+    results = []
+    for checkpoint in checkpoints:
+        labels, probs, report = score_checkpoint(checkpoint, samples, scoring)
+        results.append({"probs": probs, "report": report})
+    auc_test = paired_auc_difference(labels, results[0]["probs"], results[1]["probs"], scoring.resamples, scoring.seed)
+    p_value = format_p_value(auc_test["p_value"], scoring.resamples)
+    report_dir = Path("reports")
+    report_dir.mkdir(exist_ok=True)
+    figures = [
+        comparison_roc_figure(
+            labels, {name: r["probs"] for name, r in zip(names, results)}, p_value, report_dir / "comparison_roc.png"
+        )
+    ]
+    cams = gradcam_row(labels_of, report_dir / "comparison_gradcam.png")
+    figures += [cams] if cams else []
+
+    facts = [training_facts(p, c) for p, c in zip(paths, checkpoints)]
+    table = [f"| Aspect | {names[0]} | {names[1]} |", "|---|---|---|"]
+    table += [f"| {aspect} | {a} | {b} |" for aspect, (a, b) in comparison_rows(results, facts)]
+    table += [
+        "",
+        f"ROC AUC difference (B - A): {auc_test['difference']:+.4f} "
+        f"[{auc_test['ci_low']:+.4f}, {auc_test['ci_high']:+.4f}], paired bootstrap {p_value}",
+    ]
+    lines = [
+        f"# Transfer learning vs full training: {names[0]} vs {names[1]}",
+        "",
+        f"Evaluated on the same {len(labels)} images ({source}); "
+        f"{scoring.resamples} stratified bootstrap resamples, seed {scoring.seed}.",
+        "",
+        *table,
+        "",
+        "![ROC curves](comparison_roc.png)",
+    ]
+    if cams:
+        lines += ["", "![GradCAM summaries side by side](comparison_gradcam.png)"]
+    report_path = report_dir / "comparison.md"
+    report_path.write_text("\n".join(lines) + "\n")
+    print("\n".join(table))
+    comparison = {
+        "checkpoints": [str(p) for p in paths],
+        "data": source,
+        "auc_difference": auc_test,
+        "reports": [r["report"] for r in results],
+        "training": facts,
+    }
+    write_json(comparison, report_dir / "comparison.json")
+    tracking_uri, _ = resolve_tracking_uri(tracking_uri, FULL_TRAINING.port)
+    run_id = log_evaluation_run(
+        tracking_uri,
+        "ResNet50_TB_Comparison",
+        "comparison",
+        {"run_a": checkpoints[0].get("mlflow_run_id", ""), "run_b": checkpoints[1].get("mlflow_run_id", "")},
+        {"auc_difference": auc_test["difference"], "auc_difference_p_value": auc_test["p_value"]},
+        [report_path, report_dir / "comparison.json", *figures],
+    )
+    print(f"Wrote {report_path}; MLflow run {run_id} ({tracking_uri})")
+    return comparison

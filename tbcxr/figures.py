@@ -1,0 +1,147 @@
+"""Every plot of the project (except GradCAM's own panels), and the one helper that saves them.
+
+matplotlib runs on the file-only Agg backend, so no display is needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .config import CLASS_NAMES, FULL_TRAINING, TRANSFER_LEARNING
+from .metrics import THRESHOLD_NAMES
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Lay out, write and close a figure (closing frees its memory in long runs)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return Path(path)
+
+
+def save_test_figures(labels, probs, out_dir: Path) -> list[Path]:
+    """Confusion matrix and ROC curve PNGs plus the sklearn classification report."""
+    plt = pyplot()
+    from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay, classification_report
+
+    preds = (probs >= 0.5).astype(int)
+    paths = [out_dir / "confusion_matrix.png", out_dir / "roc_curve.png", out_dir / "classification_report.txt"]
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ConfusionMatrixDisplay.from_predictions(labels, preds, display_labels=CLASS_NAMES, ax=ax, colorbar=False)
+    ax.set_title("Test confusion matrix (threshold 0.5)")
+    save_figure(fig, paths[0], dpi=120)
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    if len(np.unique(labels)) == 2:
+        RocCurveDisplay.from_predictions(labels, probs, ax=ax, name="ResNet50")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_title("Test ROC curve (Tuberculosis positive)")
+    save_figure(fig, paths[1], dpi=120)
+    report = classification_report(labels, preds, labels=[0, 1], target_names=CLASS_NAMES, zero_division=0)
+    paths[2].write_text(report)
+    return paths
+
+
+def save_evaluation_figures(labels, probs, report: dict, prefix: Path, title: str) -> list[Path]:
+    """ROC with the operating points, precision-recall, confusion matrices, reliability diagram."""
+    plt = pyplot()
+    from sklearn.calibration import CalibrationDisplay
+    from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
+
+    paths = [Path(f"{prefix}_{kind}.png") for kind in ("roc", "pr", "confusion", "reliability")]
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    RocCurveDisplay.from_predictions(labels, probs, ax=ax, name="ResNet50")
+    for name, entry in report["thresholds"].items():
+        metrics = entry["metrics"]
+        ax.scatter(
+            1 - metrics["specificity"]["value"],
+            metrics["sensitivity"]["value"],
+            zorder=3,
+            label=f"{THRESHOLD_NAMES.get(name, name)} (t={entry['threshold']:.3f})",
+        )
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"ROC: {title}")
+    figures = [fig]
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    PrecisionRecallDisplay.from_predictions(labels, probs, ax=ax, name="ResNet50")
+    ax.set_title(f"Precision-recall: {title}")
+    figures.append(fig)
+    fig, axes = plt.subplots(1, len(report["thresholds"]), figsize=(4 * len(report["thresholds"]), 3.8), squeeze=False)
+    for ax, (name, entry) in zip(axes[0], report["thresholds"].items()):
+        ConfusionMatrixDisplay.from_predictions(
+            labels,
+            (probs >= entry["threshold"]).astype(int),
+            labels=[0, 1],
+            display_labels=CLASS_NAMES,
+            ax=ax,
+            colorbar=False,
+        )
+        ax.set_title(f"{THRESHOLD_NAMES.get(name, name)} (t={entry['threshold']:.3f})", fontsize=9)
+    fig.suptitle(f"Confusion matrices: {title}")
+    figures.append(fig)
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    CalibrationDisplay.from_predictions(labels, probs, n_bins=10, ax=ax, name="ResNet50")
+    ax.set_title(
+        f"Reliability: Brier {report['calibration']['brier_score']:.3f}, "
+        f"ECE {report['calibration']['expected_calibration_error']:.3f}"
+    )
+    figures.append(fig)
+    return [save_figure(fig, path) for fig, path in zip(figures, paths)]
+
+
+def training_curves_figure(histories: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    """Loss and validation AUC per epoch from (step, value) histories of train_loss, val_loss, val_auc."""
+    plt = pyplot()
+    fig, (loss_ax, auc_ax) = plt.subplots(1, 2, figsize=(9, 3.8))
+    for key, ax in (("train_loss", loss_ax), ("val_loss", loss_ax), ("val_auc", auc_ax)):
+        steps, values = zip(*histories[key]) if histories[key] else ((), ())
+        ax.plot(steps, values, marker="o", label=key)
+    for ax, name in ((loss_ax, "loss"), (auc_ax, "validation ROC AUC")):
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.legend()
+    save_figure(fig, path, dpi=110)
+    return path
+
+
+def gradcam_row(labels: list[str], out: Path) -> Path | None:
+    """Both models' GradCAM summary grids side by side, when both exist."""
+    grids = [
+        Path(TRANSFER_LEARNING.gradcam_dir if label == TRANSFER_LEARNING.gradcam_label else FULL_TRAINING.gradcam_dir)
+        / f"gradcam_summary_{label}.png"
+        for label in labels
+    ]
+    if not all(grid.is_file() for grid in grids):
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(16, 5))
+    for ax, grid, label in zip(axes, grids, labels):
+        ax.imshow(plt.imread(grid))
+        ax.set_title(label)
+        ax.axis("off")
+    return save_figure(fig, out)
+
+
+def comparison_roc_figure(labels, named_probs: dict[str, np.ndarray], p_value: str, path: Path) -> Path:
+    """Both models' ROC curves on the same images, titled with the paired test's p-value."""
+    plt = pyplot()
+    from sklearn.metrics import RocCurveDisplay
+
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for name, probs in named_probs.items():
+        RocCurveDisplay.from_predictions(labels, probs, ax=ax, name=name)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_title(f"ROC on the same {len(labels)} images ({p_value})", fontsize=10)
+    return save_figure(fig, path)

@@ -1,0 +1,273 @@
+"""MLflow in one place: choosing the store, runs, the offline queue, model and artifact logging.
+
+A run survives its store going away: the first failure prints one warning, later records go
+to a JSON-lines queue beside the checkpoints, and --resume replays the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def server_answers(uri: str, timeout: float = 1.0) -> bool:
+    """True when an MLflow server answers its /health endpoint at `uri`."""
+    host = urllib.parse.urlparse(uri).hostname or ""
+    # A loopback probe never goes through a proxy; a fresh opener reads the proxy settings now.
+    handlers = [urllib.request.ProxyHandler({})] if host in ("127.0.0.1", "localhost", "::1") else []
+    try:
+        with urllib.request.build_opener(*handlers).open(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def store_reachable(uri: str) -> bool:
+    """Whether an MLflow store can be used from here: a server that answers, or an existing sqlite file."""
+    if uri.startswith(("http://", "https://")):
+        return server_answers(uri)
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).is_file()
+    return bool(uri)
+
+
+def resolve_tracking_uri(explicit: str, port: int) -> tuple[str, str]:
+    """Pick the MLflow store: an explicit URI, the local server on `port`, else sqlite."""
+    explicit = explicit or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if explicit:
+        if explicit.startswith(("http://", "https://")) and not server_answers(explicit, timeout=5.0):
+            raise SystemExit(
+                f"error: the MLflow tracking server {explicit} does not answer.\n"
+                f"Start it with: mlflow server --host 127.0.0.1 --port {port}  (or drop --tracking-uri)"
+            )
+        return explicit, "given"
+    local = f"http://127.0.0.1:{port}"
+    if server_answers(local):
+        return local, f"MLflow server on port {port}"
+    return "sqlite:///mlflow.db", (
+        f"no MLflow server on port {port}; logging to sqlite:///mlflow.db in this folder. "
+        f"Browse it with: mlflow ui --host 127.0.0.1 --port {port}"
+    )
+
+
+class RunLogger:
+    """Logs to one MLflow run and survives the store going away.
+
+    The first failed call prints one warning; from then on nothing is sent, and every
+    record (metrics, artifacts) goes to a JSON-lines file beside the checkpoints.
+    `replay_pending()` sends that file on the next `--resume` that reaches the store.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, pending_path: Path):
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri, self.run_id, self.pending_path = tracking_uri, run_id, Path(pending_path)
+        self.client = MlflowClient(tracking_uri)
+        self.offline = False
+
+    @staticmethod
+    def store_errors() -> tuple:
+        import requests
+        from mlflow.exceptions import MlflowException
+
+        return (MlflowException, requests.RequestException, OSError)
+
+    def _send(self, record: dict) -> None:
+        from mlflow.entities import Metric
+
+        if record["kind"] == "metrics":
+            metrics = [
+                Metric(key, value, record["timestamp"], record["step"]) for key, value in record["metrics"].items()
+            ]
+            self.client.log_batch(self.run_id, metrics=metrics)
+        else:
+            self.client.log_artifact(self.run_id, record["path"], artifact_path=record["artifact_path"])
+
+    def go_offline(self, exc: Exception, consequence: str) -> None:
+        """Stop sending and say so once, on stderr."""
+        if not self.offline:
+            print(
+                f"WARNING: MLflow store {self.tracking_uri} stopped answering ({type(exc).__name__}); {consequence}",
+                file=sys.stderr,
+            )
+        self.offline = True
+
+    def _record(self, record: dict) -> None:
+        if not self.offline:
+            try:
+                self._send(record)
+                return
+            except self.store_errors() as exc:
+                self.go_offline(
+                    exc, f"training goes on and unsent records are kept in {self.pending_path} (replayed by --resume)"
+                )
+        with open(self.pending_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        self._record({"kind": "metrics", "metrics": metrics, "step": step, "timestamp": int(time.time() * 1000)})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._record({"kind": "artifact", "path": str(path), "artifact_path": artifact_path})
+
+    def replay_pending(self) -> int:
+        """Send what an earlier, disconnected run queued; the file goes once all is sent."""
+        if not self.pending_path.is_file():
+            return 0
+        records = [json.loads(line) for line in self.pending_path.read_text().splitlines() if line.strip()]
+        for record in records:
+            self._send(record)
+        self.pending_path.unlink()
+        return len(records)
+
+    def logged_steps(self, key: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+
+    def set_status(self, status: str) -> None:
+        if not self.offline:
+            try:
+                self.client.update_run(self.run_id, status=status)
+            except self.store_errors() as exc:
+                self.go_offline(exc, f"the run's status stays as it was; records are kept in {self.pending_path}")
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of the named MLflow experiment, created when missing."""
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found else client.create_experiment(name)
+
+
+def fail_over_quickly() -> None:
+    """Fail over in seconds, not minutes, when a server disappears mid-run."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict, pending_path: Path) -> RunLogger:
+    """A RunLogger for a new run with its parameters logged."""
+    from mlflow.entities import Param
+
+    fail_over_quickly()
+    logger = RunLogger(tracking_uri, "", pending_path)
+    run = logger.client.create_run(experiment_id(logger.client, experiment), run_name=run_name)
+    logger.run_id = run.info.run_id
+    pending_path.unlink(missing_ok=True)  # a queue left by an earlier run belongs to that run
+    logger.client.log_batch(logger.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    return logger
+
+
+def continue_run(resumed: dict, pending_path: Path) -> RunLogger:
+    """A RunLogger for a resumed checkpoint's run: queued records replayed, missing epochs re-sent."""
+    fail_over_quickly()
+    logger = RunLogger(resumed["tracking_uri"], resumed["mlflow_run_id"], pending_path)
+    try:
+        replayed = logger.replay_pending()
+        logged = logger.logged_steps("val_loss")  # epochs finished but never sent (killed between save and log)
+        for record in resumed["history"]:
+            if record["epoch"] not in logged:
+                logger.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+        logger.set_status("RUNNING")
+        print(
+            f"MLflow: continuing run {logger.run_id} in {logger.tracking_uri}"
+            + (f" ({replayed} queued records replayed)" if replayed else "")
+        )
+    except logger.store_errors() as exc:
+        logger.go_offline(exc, f"records are queued in {pending_path}")
+    return logger
+
+
+def log_model(logger: RunLogger, model: nn.Module, image_size: int) -> None:
+    """The best model in MLflow's pt2 format (torch.export: loading it runs no pickled code)."""
+    if logger.offline:
+        return
+    import mlflow
+
+    example = np.zeros((2, 3, image_size, image_size), dtype=np.float32)
+    requirements = [f"torch=={torch.__version__.split('+')[0]}"]  # given, so MLflow skips slow inference
+    try:
+        mlflow.set_tracking_uri(logger.tracking_uri)
+        with mlflow.start_run(run_id=logger.run_id):
+            mlflow.pytorch.log_model(
+                model.cpu().eval(), name="model", input_example=example, pip_requirements=requirements
+            )
+    except logger.store_errors() as exc:
+        logger.go_offline(
+            exc, "the model was not logged; it is in the best checkpoint; --resume logs it once the store answers"
+        )
+
+
+def log_evaluation_run(
+    tracking_uri: str, experiment: str, run_name: str, tags: dict, metrics: dict, paths: list[Path]
+) -> str:
+    """A new MLflow run holding an evaluation or comparison, tagged with the runs it is about."""
+    from mlflow.entities import Metric, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(experiment_id(client, experiment), run_name=run_name)
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run.info.run_id,
+        metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if np.isfinite(v)],
+        tags=[RunTag(k, str(v)) for k, v in tags.items()],
+    )
+    for path in paths:
+        client.log_artifact(run.info.run_id, str(path))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+class SilentLogger:
+    """The MLflow logger of ranks other than 0: rank 0 logs for the whole torchrun job."""
+
+    run_id = tracking_uri = ""
+    offline = True
+
+    def log_metrics(self, metrics: dict, step: int = 0) -> None:
+        pass
+
+    def log_artifact(self, path, artifact_path=None) -> None:
+        pass
+
+    def set_status(self, status: str) -> None:
+        pass
+
+
+def metric_histories(tracking_uri: str, run_id: str, keys: tuple[str, ...]) -> dict[str, list] | None:
+    """{key: [(step, value), ...]} of a run, sorted by step; None when the run cannot be reached."""
+    if not run_id or not store_reachable(tracking_uri):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in keys}
+
+
+def log_to_training_run(checkpoint: dict, paths: list[Path]) -> str:
+    """Attach the files to the checkpoint's MLflow run under gradcam/ when its store is reachable."""
+    run_id, uri = checkpoint.get("mlflow_run_id"), checkpoint.get("tracking_uri", "")
+    if not run_id or not uri:
+        return "checkpoint names no MLflow run; files written locally only"
+    if not store_reachable(uri):
+        return f"MLflow store {uri} is not reachable from here; files written locally only"
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return f"run {run_id} is not in {uri}; files written locally only"
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path="gradcam")
+    return f"logged {len(paths)} files to MLflow run {run_id} ({uri}) under gradcam/"

@@ -25,6 +25,16 @@ from tbcxr.tracking import server_answers  # noqa: E402
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def shared_data(name: str) -> Path:
+    """A folder of ../shared/data. A user's clone lacks it and the test skips; under CI its absence fails."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: CI runs beside ../shared/data and must test the real X-rays")
+        pytest.skip(f"{path} not present (a user's clone has no ../shared/data)")
+    return path
+
+
 def write_xrays(folder: Path, count: int, tuberculosis: bool, size: int = 48, seed: int = 0) -> list[Path]:
     """Synthetic greyscale PNGs (the demo generator's pictures) into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)

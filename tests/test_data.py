@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, make_organized, write_xrays
+from conftest import make_organized, shared_data, write_xrays
 from PIL import Image
 
 from tbcxr.data import discover_dataset, eval_transform, make_split_manifest, train_transform
@@ -112,13 +112,12 @@ def test_split_manifest_is_stable_for_a_seed_and_stratified(tmp_path):
     assert Counter(label for _, label in first["test"]) == {0: 12, 1: 3}
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
 def test_real_shared_data_layouts():
-    mini = discover_dataset(SHARED_DATA / "tb-cxr-mini")
+    mini = discover_dataset(shared_data("tb-cxr-mini"))
     assert mini.layout == "organized"
     assert Counter(label for _, label in mini.train) == {0: 151, 1: 151}  # .DS_Store skipped
     assert Counter(label for _, label in mini.test) == {0: 50, 1: 50}
-    kaggle = discover_dataset(SHARED_DATA / "tb-kaggle-sample")
+    kaggle = discover_dataset(shared_data("tb-kaggle-sample"))
     assert kaggle.layout == "raw" and len(kaggle.train) == 10
     # RGB Normal files and greyscale TB files decode to the same single-channel mode.
     assert {load_xray(path).mode for path, _ in kaggle.train} == {"L"}

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, shared_data
 from mlflow.tracking import MlflowClient
 
 import resnet50_tb_full as trainer
@@ -166,10 +166,9 @@ def test_missing_data_dir_explains_layout_and_demo(tmp_path):
     assert "--demo" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
 @pytest.mark.parametrize("dataset", ["tb-cxr-mini", "tb-kaggle-sample"])
 def test_real_data_smoke(tmp_path, dataset):
-    summary = train(tmp_path, SHARED_DATA / dataset, f"sqlite:///{tmp_path / 'mlflow.db'}", "--epochs", "1")
+    summary = train(tmp_path, shared_data(dataset), f"sqlite:///{tmp_path / 'mlflow.db'}", "--epochs", "1")
     manifest = json.loads((tmp_path / "ckpt" / "split_manifest.json").read_text())
     assert manifest["layout"] == ("organized" if dataset == "tb-cxr-mini" else "raw")
     expected_total = 402 if dataset == "tb-cxr-mini" else 10

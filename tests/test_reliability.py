@@ -139,9 +139,8 @@ def test_failed_checkpoint_write_leaves_previous_file_intact(tmp_path):
     path = tmp_path / "last.pth"
     save_checkpoint({"epoch": 1, "weights": torch.ones(1000)}, path)
 
-    with pytest.raises(
-        (pickle.PicklingError, AttributeError)
-    ):  # a lambda cannot be pickled: torch.save fails half-way through
+    # A lambda cannot be pickled: torch.save fails half-way through the write.
+    with pytest.raises((pickle.PicklingError, AttributeError)):
         save_checkpoint({"epoch": 2, "weights": torch.zeros(10**6), "broken": lambda: None}, path)
 
     kept = torch.load(path, weights_only=True)

@@ -1,10 +1,10 @@
-"""Side-by-side training throughput: the seed-style input pipeline, this project's pipeline,
+"""Side-by-side training throughput: the original design's input pipeline, this project's pipeline,
 and compute only, measured in one process on one device.
 
     python benchmarks/bench_train.py --device cpu --images 600
     python benchmarks/bench_train.py --device cuda --images 4200 --batch-size 256 --compile
 
-(a) seed-style: torchvision ImageFolder, PIL decode and per-image transforms every epoch,
+(a) original design: torchvision ImageFolder, PIL decode and per-image transforms every epoch,
     DataLoader with --workers processes;
 (b) this project: images decoded once into a uint8 cache, augmented in batches on the device;
 (c) compute only: the training step on a batch already on the device.
@@ -84,8 +84,8 @@ def make_dataset(root: Path, count: int, size: int, workers: int) -> Path:
     return folder
 
 
-def seed_style_loader(root: Path, size: int, batch_size: int, workers: int, pin: bool):
-    """The seed's pipeline: ImageFolder (PIL, RGB), per-image enhanced augmentation every epoch."""
+def original_design_loader(root: Path, size: int, batch_size: int, workers: int, pin: bool):
+    """The original design's pipeline: ImageFolder (PIL, RGB), per-image enhanced augmentation every epoch."""
     transform = transforms.Compose(
         [
             transforms.RandomResizedCrop(size, scale=(0.8, 1.0)),
@@ -216,18 +216,20 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     results: dict = {"config": vars(args), "device": str(device), "memory": {}}
-    seed_loader = seed_style_loader(root, args.image_size, args.batch_size, args.workers, device.type == "cuda")
+    original_loader = original_design_loader(
+        root, args.image_size, args.batch_size, args.workers, device.type == "cuda"
+    )
     fast_loader, build_seconds = project_loader(
         root, args.image_size, args.batch_size, args.workers, device, Path(args.data_root) / "cache"
     )
     results["cache_build_seconds"] = build_seconds
-    results["data_only"] = {"seed": time_data(seed_loader, device), "project": time_data(fast_loader, device)}
+    results["data_only"] = {"original": time_data(original_loader, device), "project": time_data(fast_loader, device)}
 
     step = Step(device, amp_dtype, args.batch_size)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     results["full_loop"] = {
-        "seed": time_loop(step, seed_loader, args.loop_batches),
+        "original": time_loop(step, original_loader, args.loop_batches),
         "project": time_loop(step, fast_loader, args.loop_batches),
     }
     results["compute_only"] = {
@@ -242,19 +244,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     epochs, n = 30, args.images
     results["projected_30_epochs_seconds"] = {
-        "seed": epochs * n / results["full_loop"]["seed"],
+        "original": epochs * n / results["full_loop"]["original"],
         "project": build_seconds + epochs * n / results["full_loop"]["project"],
     }
     compute = results["compute_only"]["eager"]
     rows = [
-        ("data only (images/s)", results["data_only"]["seed"], results["data_only"]["project"]),
-        ("full training loop (images/s)", results["full_loop"]["seed"], results["full_loop"]["project"]),
-        ("full loop / compute only", results["full_loop"]["seed"] / compute, results["full_loop"]["project"] / compute),
+        ("data only (images/s)", results["data_only"]["original"], results["data_only"]["project"]),
+        ("full training loop (images/s)", results["full_loop"]["original"], results["full_loop"]["project"]),
+        ("full loop / compute only", *(results["full_loop"][k] / compute for k in ("original", "project"))),
         ("30 epochs, projected (s, no validation)", *results["projected_30_epochs_seconds"].values()),
     ]
-    print(f"\n{'':42}{'seed-style':>14}{'project':>14}{'project/seed':>14}")
-    for name, seed, project in rows:
-        print(f"{name:42}{seed:14.2f}{project:14.2f}{project / seed:14.2f}")
+    print(f"\n{'':42}{'original':>14}{'project':>14}{'project/orig.':>14}")
+    for name, original, project in rows:
+        print(f"{name:42}{original:14.2f}{project:14.2f}{project / original:14.2f}")
     print(
         f"{'compute only (images/s)':42}{compute:14.2f}"
         + "".join(f"   compiled: {v:.2f}" for k, v in results["compute_only"].items() if k == "compiled")

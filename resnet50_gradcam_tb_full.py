@@ -7,7 +7,8 @@
 The model, image size, normalisation and class names come from the checkpoint. CAMs come
 from pytorch-grad-cam on model.layer4; each map's faithfulness is scored with ROAD
 (remove-and-debias: confidence change when the least vs the most relevant pixels are
-removed; higher means the map points at what the model really uses).
+removed; higher means the map points at what the model really uses), seeded by --seed so
+that a rerun prints the same scores. Captions give P(TB) against the operating threshold.
 """
 
 from __future__ import annotations
@@ -20,26 +21,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import UnidentifiedImageError
-from tqdm import tqdm
 
 from tbcxr.checkpoint import load_checkpoint, model_from_checkpoint, read_json, write_json
 from tbcxr.config import (
     CLASS_NAMES,
     FULL_TRAINING,
     MANIFEST_NAME,
-    POSITIVE_CLASS,
     add_dataclass_arguments,
     best_checkpoint_path,
     flag,
+    non_negative_int,
     positive_int,
     profile_of,
     refuse_inside,
 )
-from tbcxr.data import eval_transform, find_class_dirs, held_out_samples, labelled_images, list_images
-from tbcxr.decoding import load_xray
+from tbcxr.data import eval_transform, find_class_dirs, labelled_images, list_images
+from tbcxr.decoding import UNREADABLE_IMAGE_ERRORS, load_xray
+from tbcxr.evaluation import held_out_samples
 from tbcxr.figures import pyplot, save_figure
 from tbcxr.metrics import operating_threshold, tb_probability
+from tbcxr.progress import track
 from tbcxr.runtime import resolve_device
 from tbcxr.tracking import log_to_training_run
 
@@ -65,6 +66,7 @@ class GradCamConfig:
     )
     compare_checkpoint: str = flag("", "second checkpoint (e.g. transfer learning): side-by-side maps per image")
     demo: bool = flag(False, "explain the checkpoint of `resnet50_tb_full.py --demo` on its synthetic test images")
+    seed: int = flag(0, "seed of the ROAD score (imputation noise, order of equal map values)", type=non_negative_int)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -78,6 +80,7 @@ def config_from_args(argv: list[str] | None = None) -> GradCamConfig:
 
 
 UNLABELLED = -1
+ROAD_PERCENTILES = (20, 40, 60, 80)
 
 
 def cam_methods() -> dict:
@@ -118,14 +121,37 @@ def compute_cams(model, target_layer, batch: torch.Tensor, target_classes: list[
         return cam(input_tensor=batch, targets=[ClassifierOutputTarget(c) for c in target_classes])
 
 
-def faithfulness(model, batch: torch.Tensor, maps: np.ndarray, target_classes: list[int]) -> np.ndarray:
-    """ROAD combined score per image (pytorch-grad-cam's metric); higher is more faithful."""
+def tie_free_ranks(cam: np.ndarray, seed: int) -> np.ndarray:
+    """The map's pixel ranks spread evenly over [0, 1], equal values in a seeded random order.
+
+    ROAD depends only on the order of the pixels, so ranks score the same as the map where it has no
+    ties. Where it has (GradCAM's ReLU leaves large areas at exactly 0), the library's percentile masks
+    (pixels below the percentile's value) remove every tied pixel: all of a flat map at every percentile.
+    """
+    flat = cam.ravel()
+    order = np.lexsort((np.random.default_rng(seed).random(flat.size), flat))
+    ranks = np.empty(flat.size, dtype=np.float32)
+    ranks[order] = np.arange(flat.size) / (flat.size - 1)
+    return ranks.reshape(cam.shape)
+
+
+def faithfulness(model, batch: torch.Tensor, maps: np.ndarray, target_classes: list[int], seed: int = 0) -> np.ndarray:
+    """ROAD combined score per image (pytorch-grad-cam's metric); higher is more faithful.
+
+    Reproducible: each percentile removes that share of pixels (tie_free_ranks), and the imputer's
+    noise (torch's global CPU generator) is seeded per image, so a score depends on neither the run
+    nor the other images of its batch."""
     from pytorch_grad_cam.metrics.road import ROADCombined
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
-    targets = [ClassifierOutputSoftmaxTarget(c) for c in target_classes]
-    with torch.no_grad():
-        return np.asarray(ROADCombined(percentiles=[20, 40, 60, 80])(batch, maps, targets, model), dtype=float)
+    road = ROADCombined(percentiles=list(ROAD_PERCENTILES))
+    scores = []
+    for image, cam, target in zip(batch, maps, target_classes):
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.default_generator.manual_seed(seed)
+            ranks = tie_free_ranks(cam, seed)[None]
+            scores.append(road(image[None], ranks, [ClassifierOutputSoftmaxTarget(target)], model)[0])
+    return np.asarray(scores, dtype=float)
 
 
 @dataclass
@@ -138,6 +164,7 @@ class Explanation:
     cam: np.ndarray
     rgb: np.ndarray
     road: float
+    threshold: float  # the operating threshold that turned prob_tb into `predicted`
 
     @property
     def wrong(self) -> bool:
@@ -149,7 +176,7 @@ def load_batch(samples, transform) -> torch.Tensor:
     for path, _ in samples:
         try:
             tensors.append(transform(load_xray(path)))
-        except (UnidentifiedImageError, OSError) as exc:
+        except UNREADABLE_IMAGE_ERRORS as exc:
             raise SystemExit(f"error: cannot read image {path}: {exc}") from exc
     return torch.stack(tensors)
 
@@ -164,6 +191,7 @@ def explain(
     target: str,
     batch_size: int,
     score_faithfulness: bool = True,
+    seed: int = 0,
 ) -> list[Explanation]:
     """Predict and explain every (path, label) sample, batch by batch (road is NaN when not scored).
 
@@ -172,7 +200,7 @@ def explain(
     transform = eval_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
     model = model.to(device).eval()
     explanations = []
-    for start in tqdm(range(0, len(samples), batch_size), desc=f"{method}", unit="batch", leave=False):
+    for start in track(range(0, len(samples), batch_size), method, unit="batch", noun="batches"):
         chunk = samples[start : start + batch_size]
         batch = load_batch(chunk, transform).to(device)
         with torch.no_grad():
@@ -180,7 +208,7 @@ def explain(
         predicted = (probs >= threshold).astype(int)
         targets = [int(p) if target == "predicted" else CLASS_NAMES.index(target.capitalize()) for p in predicted]
         maps = compute_cams(model, target_layer, batch, targets, method)
-        scores = faithfulness(model, batch, maps, targets) if score_faithfulness else np.full(len(chunk), np.nan)
+        scores = faithfulness(model, batch, maps, targets, seed) if score_faithfulness else np.full(len(chunk), np.nan)
         for i, (path, label) in enumerate(chunk):
             explanations.append(
                 Explanation(
@@ -192,6 +220,7 @@ def explain(
                     cam=maps[i],
                     rgb=display_rgb(batch[i], checkpoint["mean"], checkpoint["std"]),
                     road=float(scores[i]),
+                    threshold=threshold,
                 )
             )
     return explanations
@@ -236,10 +265,31 @@ def overlay(e: Explanation) -> np.ndarray:
     return show_cam_on_image(e.rgb, e.cam, use_rgb=True)
 
 
+def percent_pair(prob: float, threshold: float) -> tuple[str, str]:
+    """Both as percentages, with the fewest decimals (1 to 4) that tell them apart: never '60.0% < 60.0%'."""
+    for decimals in range(1, 5):
+        shown = f"{prob:.{decimals}%}", f"{threshold:.{decimals}%}"
+        if shown[0] != shown[1] or prob == threshold:
+            break
+    return shown
+
+
+def caption_lines(e: Explanation) -> list[str]:
+    """True label, predicted label, and P(TB) against the operating threshold that decided it.
+
+    Never a 'confidence' in the predicted class: with a threshold above 50%, 'Normal (48.5%)' for
+    P(TB) 51.5% reads as 48.5% sure of Normal."""
+    prob, threshold = percent_pair(e.prob_tb, e.threshold)
+    side = "≥" if e.prob_tb >= e.threshold else "<"
+    return [
+        f"True: {label_name(e.true_label)}",
+        f"Pred: {CLASS_NAMES[e.predicted]}{'  WRONG' if e.wrong else ''}",
+        f"P(TB) {prob} {side} threshold {threshold}",
+    ]
+
+
 def caption(e: Explanation) -> str:
-    verdict = "  WRONG" if e.wrong else ""
-    confidence = e.prob_tb if e.predicted == POSITIVE_CLASS else 1 - e.prob_tb
-    return f"True: {label_name(e.true_label)} | Pred: {CLASS_NAMES[e.predicted]} ({confidence:.1%}){verdict}"
+    return " | ".join(caption_lines(e))
 
 
 def render_explanation(e: Explanation, method: str, run_label: str, path: Path) -> None:
@@ -274,7 +324,7 @@ def render_grid(explanations: list[Explanation], method: str, run_label: str, pa
             ax.axis("off")
             if c < len(row):
                 ax.imshow(overlay(row[c]))
-                ax.set_title(caption(row[c]).replace(" | ", "\n"), fontsize=8, color="red" if row[c].wrong else "black")
+                ax.set_title("\n".join(caption_lines(row[c])), fontsize=8, color="red" if row[c].wrong else "black")
     fig.suptitle(f"GradCAM summary: {method} | {run_label}")
     save_figure(fig, path, dpi=100)
 
@@ -287,7 +337,7 @@ def render_comparison(pair: tuple[Explanation, Explanation], labels: tuple[str, 
     for ax, e, label in zip(axes[1:], pair, labels):
         ax.imshow(overlay(e))
         ax.set_title(
-            f"{label}\n{caption(e).split(' | ', 1)[1]}, ROAD {e.road:+.3f}",
+            "\n".join([label, *caption_lines(e)[1:], f"ROAD {e.road:+.3f}"]),
             fontsize=9,
             color="red" if e.wrong else "black",
         )
@@ -338,7 +388,15 @@ def main(argv: list[str] | None = None) -> dict:
         f"on {len(samples)} images, device {device}"
     )
     explanations = explain(
-        model, model.layer4, samples, checkpoint, device, config.method, config.target, config.batch_size
+        model,
+        model.layer4,
+        samples,
+        checkpoint,
+        device,
+        config.method,
+        config.target,
+        config.batch_size,
+        seed=config.seed,
     )
 
     written, rows, counters = [], [], {}
@@ -353,6 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "true_label": label_name(e.true_label),
                 "predicted_label": CLASS_NAMES[e.predicted],
                 "probability_tuberculosis": round(e.prob_tb, 6),
+                "threshold": round(e.threshold, 6),
                 "correct": "" if e.true_label == UNLABELLED else not e.wrong,
                 "cam_target": CLASS_NAMES[e.target],
                 "road_score": round(e.road, 6),
@@ -373,6 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
             config.method,
             config.target,
             config.batch_size,
+            seed=config.seed,
         )
         counters = {}
         for e, other in zip(explanations, others):

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from tbcxr import evaluation, runtime
 from tbcxr.checkpoint import (
@@ -53,9 +52,20 @@ from tbcxr.data import make_loaders, prepare_manifest
 from tbcxr.demo import DEMO_DATA_DIR, make_demo_dataset
 from tbcxr.figures import save_test_figures
 from tbcxr.metrics import classification_metrics, format_results, operating_points, scalar_metrics, tb_probability
-from tbcxr.model import build_model, build_optimizer, count_trainable, group_lrs, predict_logits
+from tbcxr.model import (
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    count_trainable,
+    group_lrs,
+    optimizer_steps,
+    predict_logits,
+    step_scheduler,
+    train_mode,
+)
+from tbcxr.progress import track
 from tbcxr.tracking import continue_run, log_model, resolve_tracking_uri, start_run
-from tbcxr.training import NonFiniteLossError, Run, loss_function
+from tbcxr.training import NonFiniteLossError, Run, load_resumable, loss_function
 
 
 @dataclass
@@ -80,6 +90,15 @@ class TrainConfig:
     scheduler_patience: int = flag(
         3, "ReduceLROnPlateau patience in epochs (on validation loss)", type=non_negative_int
     )
+    recipe: str = flag("original", "original: the original design's settings, made for ImageNet weights; from-scratch: "
+                       "the settings measured best from random weights (default with --weights none and no --lr)",
+                       choices=["original", "from-scratch"])  # fmt: skip
+    schedule: str = flag("plateau", "plateau: ReduceLROnPlateau on validation loss, with early stopping; cosine: "
+                         "--warmup-epochs of linear warm-up, then cosine decay over --epochs",
+                         choices=["plateau", "cosine"])  # fmt: skip
+    warmup_epochs: int = flag(0, "epochs of linear learning-rate warm-up (--schedule cosine)", type=non_negative_int)
+    clahe: bool = flag(False, "contrast-limited adaptive histogram equalisation of every image, train and test alike")
+    intensity_augment: bool = flag(False, "also augment intensity (gamma, blur, noise): X-rays of other hospitals")
     early_stop_patience: int = flag(7, "stop after this many epochs without a better validation AUC", type=positive_int)
     balance: str = flag("oversample", "class imbalance handling", choices=["oversample", "class-weight", "none"])
     seed: int = flag(42, "random seed for splits, sampling and initialisation")
@@ -97,20 +116,20 @@ class TrainConfig:
     )
     resume: str = flag("", "continue from this checkpoint (e.g. checkpoints/resnet50_tb_full/last.pth)")
     demo: bool = flag(False, "generate a small synthetic data set and run the whole pipeline on it")
+    prepare_only: bool = flag(False, "check, split and cache the data, print a data report, and exit (no model)")
     deterministic: bool = flag(False, "deterministic kernels, so a resumed run repeats an uninterrupted one exactly")
     strict: bool = flag(False, "stop on unreadable image files instead of skipping them")
     dedup: bool = flag(False, "drop exact and near duplicates of training images from validation and test")
     temperature_scaling: bool = flag(False, "fit a softmax temperature on validation and store it in the checkpoint")
-    test_only: bool = flag(
-        False, "only evaluate the --resume checkpoint on --data-dir (metrics with 95% bootstrap CIs)"
-    )
+    test_only: bool = flag(False, "only evaluate the --resume checkpoint on --data-dir (with 95% bootstrap CIs)")
     compare: list[str] = flag(
         [], "evaluate two checkpoints on the same images and write reports/comparison.md", nargs=2, metavar="CKPT"
     )
     lr_scale: str = flag(
-        "linear",
-        "under torchrun, multiply the learning rates by the number of processes (linear) or not",
-        choices=["linear", "none"],
+        "none",
+        "under torchrun, keep the learning rates (none: Adam), or scale them by the number of processes "
+        "(linear: the SGD rule, for large global batches) or its square root (sqrt)",
+        choices=["none", "linear", "sqrt"],
     )
     sync_bn: bool = flag(False, "under torchrun on CUDA, synchronise BatchNorm statistics across GPUs")
     fast_data: bool = flag(
@@ -125,6 +144,17 @@ class TrainConfig:
 # Defaults that change with the mode; explicit flags still win over them.
 TRANSFER_DEFAULTS = dict(
     lr=1e-3, batch_size=32, checkpoint_dir=TRANSFER_LEARNING.checkpoint_dir, experiment=TRANSFER_LEARNING.experiment
+)
+# From random weights the original design's rates barely move the backbone; this recipe was chosen by
+# measurement on a second hospital (README: "Training from random weights").
+FROM_SCRATCH_DEFAULTS = dict(
+    recipe="from-scratch",
+    lr=1e-3,
+    backbone_lr_mult=1.0,
+    schedule="cosine",
+    warmup_epochs=1,
+    clahe=True,
+    intensity_augment=True,
 )
 DEMO_DEFAULTS = dict(
     data_dir=DEMO_DATA_DIR, epochs=6, image_size=64, weights="none", lr=1e-3, backbone_lr_mult=1.0, num_workers=0
@@ -155,6 +185,9 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
             layered |= TRANSFER_DEFAULTS
         if given.get("demo"):
             layered |= DEMO_DEFAULTS
+        random_weights = (layered | given).get("weights") == "none" and not given.get("freeze_features")
+        if given.get("recipe") == "from-scratch" or (random_weights and not {"lr", "backbone_lr_mult"} & given.keys()):
+            layered |= FROM_SCRATCH_DEFAULTS
     return TrainConfig(**(layered | given))
 
 
@@ -164,15 +197,16 @@ def train_one_epoch(
 ) -> dict:
     """One pass over the training loader: mean loss and accuracy, images/s and the share of
     time spent waiting for data. Nothing here waits for the device until the epoch ends."""
-    model.train()
+    train_mode(model)
+    steps_before = optimizer_steps(optimizer)
     loss_sum = torch.zeros((), device=device)  # running sums stay on the device: no per-step sync
     correct = torch.zeros((), device=device, dtype=torch.long)
     first_bad_batch = torch.full((), -1, device=device, dtype=torch.long)
     bad_loss = torch.zeros((), device=device)
-    seen = skipped_steps = 0
+    seen = batches = 0
     data_wait = 0.0
-    progress = tqdm(
-        loader, desc=f"Epoch {epoch} train", unit="img", unit_scale=loader.batch_size, leave=False, dynamic_ncols=True
+    progress = track(
+        loader, f"Epoch {epoch} train", total=len(loader) * loader.batch_size, size=lambda b: len(b[1]), summary=False
     )
     started = fetch_started = time.perf_counter()
     for batch_index, (images, targets) in enumerate(progress, start=1):
@@ -185,12 +219,10 @@ def train_one_epoch(
         first_bad_batch = torch.where(newly_bad, batch_index, first_bad_batch)
         bad_loss = torch.where(newly_bad, loss.detach(), bad_loss)
         optimizer.zero_grad(set_to_none=True)
-        scale_before = scaler.get_scale() if scaler.is_enabled() else 0.0
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        # fp16: the scaler skips steps whose gradients overflowed and lowers its scale; that is normal.
-        skipped_steps += scaler.is_enabled() and scaler.get_scale() < scale_before
+        batches += 1
         loss_sum += loss.detach() * len(targets)
         correct += (logits.argmax(dim=1) == targets).sum()
         seen += len(targets)
@@ -198,6 +230,8 @@ def train_one_epoch(
     if int(first_bad_batch) >= 0:  # the one host read of the epoch
         raise NonFiniteLossError(epoch, int(first_bad_batch), float(bad_loss))
     elapsed = time.perf_counter() - started
+    # fp16: the scaler skips steps whose gradients overflowed (normal); Adam counts the steps it applied.
+    skipped_steps = batches - (optimizer_steps(optimizer) - steps_before)
     totals = runtime.all_reduce_sum(
         torch.stack([loss_sum, correct.to(loss_sum.dtype), torch.tensor(float(seen), device=device)]), dist
     )
@@ -210,11 +244,11 @@ def train_one_epoch(
     }
 
 
-def evaluate(model, loader, device, amp_dtype=None, dist=runtime.SINGLE_PROCESS, total: int = 0) -> dict:
+def evaluate(model, loader, device, dist=runtime.SINGLE_PROCESS, total: int = 0) -> dict:
     """Loss and classification metrics at threshold 0.5, plus the raw labels, logits and probabilities.
     Under torchrun every rank scores its shard and the `total` predictions are gathered in order."""
     runtime.broadcast_buffers(model, dist)
-    labels, logits, loss = predict_logits(model, loader, device, amp_dtype)
+    labels, logits, loss = predict_logits(model, loader, device)
     if dist.active:
         stacked = torch.cat([logits, torch.as_tensor(labels).unsqueeze(1).float()], 1).to(device)
         gathered = runtime.gather_shards(stacked, dist, total).cpu()
@@ -269,6 +303,8 @@ def prepare_data(run: Run, resuming: bool) -> None:
                 strict=config.strict,
                 dedup=config.dedup,
                 workers=max(2, config.num_workers),
+                cache_dir=run.checkpoint_dir / "cache" if config.fast_data else None,
+                image_size=config.image_size,
             )
         run.loaders = make_loaders(
             run.manifest,
@@ -288,14 +324,14 @@ def build_training(run: Run, resumed: dict | None) -> None:
     """Model, its DDP/compile wrappers, Adam with differential learning rates, ReduceLROnPlateau, AMP scaler."""
     config, device, dist = run.config, run.device, run.dist
     model = build_model(config.weights if not resumed else "none", config.freeze_features).to(device)
-    if device.type == "cuda":
+    if runtime.use_channels_last(device):
         model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = not config.deterministic
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not config.deterministic
     if config.sync_bn and dist.active:
         if device.type != "cuda":
             raise SystemExit("error: --sync-bn needs CUDA (SyncBatchNorm has no CPU implementation)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    lr_mult = dist.world_size if config.lr_scale == "linear" else 1
+    lr_mult = {"none": 1.0, "linear": dist.world_size, "sqrt": dist.world_size**0.5}[config.lr_scale]
     run.model, run.step_model = model, model  # checkpoints keep the plain model's keys
     if dist.active:
         run.step_model = nn.parallel.DistributedDataParallel(
@@ -304,8 +340,8 @@ def build_training(run: Run, resumed: dict | None) -> None:
     if config.compile:
         run.step_model = torch.compile(run.step_model)
     run.optimizer = build_optimizer(model, config.lr * lr_mult, config.backbone_lr_mult)
-    run.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        run.optimizer, mode="min", factor=0.1, patience=config.scheduler_patience
+    run.scheduler = build_scheduler(
+        run.optimizer, config.schedule, config.epochs, config.warmup_epochs, config.scheduler_patience
     )
     run.scaler = torch.amp.GradScaler(device.type, enabled=run.amp_dtype == torch.float16)
     run.criterion = loss_function(config.balance, [label for _, label in run.manifest["train"]], device)
@@ -340,11 +376,7 @@ def restore_or_start(run: Run, resumed: dict | None) -> bool:
         )
         run.logger.log_artifact(run.manifest_path)
     state = run.state
-    if (
-        resumed
-        and state.completed
-        and (state.epoch >= run.config.epochs or state.stale_epochs >= run.config.early_stop_patience)
-    ):
+    if resumed and state.completed and (state.epoch >= run.config.epochs or run.stopped_early):
         print("That run had already finished; nothing left to train.")
         if not run.logger.offline:
             log_model(run.logger, model_from_checkpoint(load_checkpoint(run.best_path)), run.config.image_size)
@@ -359,20 +391,11 @@ def train_and_validate(run: Run, epoch: int) -> None:
     train_loader, val_loader, _ = run.loaders
     train_loader.sampler.set_epoch(epoch)
     started = time.perf_counter()
-    train_results = train_one_epoch(
-        run.step_model,
-        train_loader,
-        run.criterion,
-        run.optimizer,
-        run.scaler,
-        run.device,
-        run.amp_dtype,
-        epoch,
-        run.dist,
-    )
-    val_results = evaluate(run.model, val_loader, run.device, run.amp_dtype, run.dist, len(run.manifest["val"]))
+    train_results = train_one_epoch(run.step_model, train_loader, run.criterion, run.optimizer, run.scaler,
+                                    run.device, run.amp_dtype, epoch, run.dist)  # fmt: skip
+    val_results = evaluate(run.model, val_loader, run.device, run.dist, len(run.manifest["val"]))
     lrs = group_lrs(run.optimizer)  # the rates this epoch trained with
-    run.scheduler.step(val_results["loss"])
+    step_scheduler(run.scheduler, val_results["loss"])
     state.train_seconds += time.perf_counter() - started
     state.epoch = epoch
     state.peak_memory_mb = max(state.peak_memory_mb, runtime.peak_memory_mb(run.device))
@@ -382,18 +405,20 @@ def train_and_validate(run: Run, epoch: int) -> None:
         f"Backbone LR={lrs.get('backbone', 0.0):.2e}, Classifier LR={lrs['classifier']:.2e}"
     )
     print(format_results("Val", val_results))
-    metrics = {
-        **scalar_metrics(train_results, "train"),
-        **scalar_metrics(val_results, "val"),
-        **{f"lr_{name}": lr for name, lr in lrs.items()},
-    }
+    metrics = scalar_metrics(train_results, "train") | scalar_metrics(val_results, "val")
+    metrics |= {f"lr_{name}": lr for name, lr in lrs.items()}
     state.history.append({"epoch": epoch, **metrics})
 
+    # Every checkpoint carries the operating points of its own weights, fitted on this epoch's validation.
+    points = operating_points(val_results, config.temperature_scaling)
+    state.thresholds, state.temperature, state.operating_points_epoch = (
+        points["thresholds"],
+        points["temperature"],
+        epoch,
+    )
     score = [val_results["auc"] if np.isfinite(val_results["auc"]) else 0.0, -val_results["loss"]]
     if score > state.best_score:
         state.best_score, state.best_epoch, state.stale_epochs = score, epoch, 0
-        points = operating_points(val_results, config.temperature_scaling)
-        state.thresholds, state.temperature = points["thresholds"], points["temperature"]
         run.save(run.best_path, include_training_state=False)
     else:
         state.stale_epochs += 1
@@ -414,7 +439,7 @@ def fit(run: Run, resumed: bool) -> None:
             run.save(run.last_path)
         for epoch in range(state.epoch + 1, config.epochs + 1):
             train_and_validate(run, epoch)
-            if state.stale_epochs >= config.early_stop_patience:
+            if run.stopped_early:
                 print(f"Early stopping: no better validation AUC for {config.early_stop_patience} epochs")
                 break
     except KeyboardInterrupt:
@@ -438,9 +463,9 @@ def finish(run: Run) -> dict:
     runtime.barrier(run.dist)  # rank 0 has finished writing the best checkpoint
     best = load_checkpoint(run.best_path)
     best_model = model_from_checkpoint(best).to(run.device)  # run.model keeps the last epoch's weights
-    if run.device.type == "cuda":
+    if runtime.use_channels_last(run.device):
         best_model = best_model.to(memory_format=torch.channels_last)
-    test_results = evaluate(best_model, run.loaders[2], run.device, run.amp_dtype, run.dist, len(run.manifest["test"]))
+    test_results = evaluate(best_model, run.loaders[2], run.device, run.dist, len(run.manifest["test"]))
     if run.dist.active:
         torch.distributed.destroy_process_group()
     if not run.dist.is_main:
@@ -478,9 +503,11 @@ def main(argv: list[str] | None = None) -> dict:
         return evaluation.compare_checkpoints(config.compare, config.data_dir, scoring(config), config.tracking_uri)
     if config.test_only:
         return evaluation.test_only(Path(config.resume), config.data_dir, scoring(config), config.tracking_uri)
-    resumed = load_checkpoint(config.resume) if config.resume else None
+    resumed = load_resumable(config.resume) if config.resume else None
     run = set_up(config)
     prepare_data(run, resuming=resumed is not None)
+    if config.prepare_only:  # the data report is printed: stop before any model is built
+        return run.manifest
     build_training(run, resumed)
     if not restore_or_start(run, resumed):
         return read_json(run.checkpoint_dir / SUMMARY_NAME)

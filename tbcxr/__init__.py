@@ -6,6 +6,7 @@
     data          layouts, split manifest, held-out samples, transforms, datasets, samplers, loaders
     data_quality  unreadable-file scan, exact and near-duplicate leak check
     fast_data     decoded uint8 cache, batched augmentation on the device
+    progress      progress bars on a terminal, plain lines and stage summaries in a log file
     model         ResNet50 weights, build_model, optimizer groups, inference
     checkpoint    atomic writes, JSON, the checkpoint format, load and rebuild
     metrics       metrics, bootstrap, operating points, temperature, calibration

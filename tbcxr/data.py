@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,12 +16,12 @@ import numpy as np
 import torch
 from torchvision import transforms
 
-from .checkpoint import read_json, write_json
-from .config import AUGMENTATION, CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, MANIFEST_NAME
-from .data_quality import drop_leaks, find_leaks, scan_images
-from .decoding import IMAGE_EXTENSIONS, load_xray
-from .fast_data import CachedBatches, DeviceBatches, decoded_cache, train_cache_size
-from .runtime import SINGLE_PROCESS, DistributedContext, ShardOrder, shard
+from .checkpoint import write_json
+from .config import AUGMENTATION, CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD
+from .data_quality import data_report, drop_leaks, find_leaks, scan_images
+from .decoding import is_image_file, load_xray
+from .fast_data import CachedBatches, DeviceBatches, decoded_cache, side_cache_sizes
+from .runtime import SINGLE_PROCESS, DistributedContext, ShardOrder, shard, use_channels_last
 
 EXPECTED_LAYOUT = """Expected one of these layouts (class folder names match case-insensitively):
   organized:  DIR/train/Normal/*.png  DIR/train/Tuberculosis/*.png
@@ -52,12 +53,8 @@ def _child_dirs_by_lower_name(folder: Path) -> dict[str, Path]:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files in a folder, sorted; skips hidden files (.DS_Store), Thumbs.db, spreadsheets."""
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    """Image files in a folder (DICOM too), sorted; skips hidden files (.DS_Store), Thumbs.db, spreadsheets."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
 
 
 def find_class_dirs(folder: Path) -> dict[int, Path] | None:
@@ -106,7 +103,9 @@ def stratified_split(samples: list[tuple[str, int]], fraction: float, seed: int)
     from sklearn.model_selection import train_test_split
 
     labels = [label for _, label in samples]
-    held_out = max(len(CLASS_NAMES), round(fraction * len(samples)))
+    # Stratification allocates held-out images in proportion to the class counts: a side of at least
+    # len / rarest-class-count images is what makes that at least one image of the rarest class.
+    held_out = max(len(CLASS_NAMES), round(fraction * len(samples)), -(-len(samples) // min(Counter(labels).values())))
     kept, taken = train_test_split(samples, test_size=held_out, stratify=labels, random_state=seed)
     return sorted(kept), sorted(taken)
 
@@ -135,28 +134,6 @@ def make_split_manifest(data: DataSplit, val_fraction: float, test_fraction: flo
 def manifest_samples(manifest: dict, side: str) -> list[tuple[str, int]]:
     root = Path(manifest["data_dir"])
     return [(str(root / rel), int(label)) for rel, label in manifest[side]]
-
-
-def held_out_samples(checkpoint_path: Path, data_dir: str = "") -> tuple[list[tuple[str, int]], str]:
-    """The labelled images to test a checkpoint on, and where they come from.
-
-    An organized DIR gives its test/ side. A raw DIR that the checkpoint was trained on gives
-    the test side of the split manifest beside the checkpoint; any other raw DIR (an external
-    hospital's Normal/Tuberculosis folders) is used whole. No DIR: the manifest's test side."""
-    manifest_path = Path(checkpoint_path).parent / MANIFEST_NAME
-    manifest = read_json(manifest_path) if manifest_path.is_file() else None
-    if data_dir:
-        data = discover_dataset(data_dir)
-        if data.test is not None:
-            return data.test, f"test/ side of {data.root}"
-        if manifest is None or Path(manifest["data_dir"]) != data.root:
-            return data.train, f"all of {data.root} (external test set)"
-    if manifest is None:
-        raise SystemExit(
-            f"error: no {MANIFEST_NAME} beside {checkpoint_path}; pass --data-dir with a "
-            "train/test layout or a labelled Normal/Tuberculosis folder"
-        )
-    return manifest_samples(manifest, "test"), f"test side of {manifest_path}"
 
 
 def train_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> transforms.Compose:
@@ -273,9 +250,9 @@ def make_loaders(
             cache = decoded_cache([p for p, _ in samples], cache_size, cache_dir, workers)
             return CachedBatches(cache, [label for _, label in samples], batch_size, sampler, drop, pin)
 
-        channels_last = device.type == "cuda"
+        channels_last = use_channels_last(device)
         train_loader = DeviceBatches(
-            cached(train, train_cache_size(size), batch_size, sampler, drop_last),
+            cached(train, side_cache_sizes(size)["train"], batch_size, sampler, drop_last),
             device,
             size,
             augment=True,
@@ -283,7 +260,7 @@ def make_loaders(
         )
         val_loader, test_loader = (
             DeviceBatches(
-                cached(sides[side], size, eval_batch, ShardOrder(len(sides[side]), dist)),
+                cached(sides[side], side_cache_sizes(size)[side], eval_batch, ShardOrder(len(sides[side]), dist)),
                 device,
                 size,
                 augment=False,
@@ -322,11 +299,17 @@ def prepare_manifest(
     strict: bool,
     dedup: bool,
     workers: int,
+    cache_dir: Path | None = None,
+    image_size: int = 0,
 ) -> dict:
-    """Discover, decode-check, split and leak-check the data; write the split manifest."""
+    """Discover, decode-check, split and leak-check the data; write the split manifest; print a data report.
+
+    With a cache_dir, each image is decoded once (scan_images) and the scan is kept there; with an
+    image_size too, the decoded caches make_loaders reads are filled from that same decode."""
     data = discover_dataset(data_dir)
     paths = [path for path, _ in data.train + (data.test or [])]
-    scan = scan_images(paths, workers=workers)
+    cache_sizes = side_cache_sizes(image_size) if cache_dir and image_size else {}
+    scan = scan_images(paths, workers, cache_dir, tuple(sorted(set(cache_sizes.values()))))
     if scan.unreadable:
         listing = "\n".join(f"  {path}: {reason}" for path, reason in sorted(scan.unreadable.items()))
         if strict:
@@ -340,6 +323,8 @@ def prepare_manifest(
                 raise DataLayoutError(f"no readable {CLASS_NAMES[min(missing)]} images left on the {side} side")
     manifest = make_split_manifest(data, val_fraction, test_fraction, seed)
     manifest["unreadable"] = [[os.path.relpath(p, data.root), reason] for p, reason in sorted(scan.unreadable.items())]
+    # What --test-only needs to recognise training images by content, wherever the folder is later moved.
+    manifest["content_sha1"] = {os.path.relpath(p, data.root): sha1 for p, sha1 in sorted(scan.pixel_hash.items())}
     leaks = find_leaks(manifest, scan)
     if leaks:
         exact = sum(leak["kind"] == "exact" for leak in leaks)
@@ -353,4 +338,16 @@ def prepare_manifest(
             manifest = drop_leaks(manifest, leaks)
     manifest["leaks"] = leaks
     write_json(manifest, manifest_path)
+    caches = [
+        decoded_cache(
+            [path for path, _ in manifest_samples(manifest, side)],
+            size,
+            cache_dir,
+            workers,
+            (scan.pixels[size], scan.row) if size in scan.pixels else None,
+        )
+        for side, size in cache_sizes.items()
+    ]
+    scan.remove_pixels()
+    print(data_report(manifest, manifest_path, [Path(cache.filename) for cache in caches]))
     return manifest

@@ -7,6 +7,7 @@ tests the AUC difference with a paired bootstrap.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, read_json, write_json
-from .config import CLASS_NAMES, FULL_TRAINING, SUMMARY_NAME, profile_of
-from .data import XrayDataset, eval_transform, held_out_samples
+from .config import CLASS_NAMES, FULL_TRAINING, MANIFEST_NAME, SUMMARY_NAME, profile_of
+from .data import XrayDataset, discover_dataset, eval_transform, manifest_samples
+from .data_quality import scan_images
 from .figures import comparison_roc_figure, gradcam_row, save_evaluation_figures, training_curves_figure
 from .metrics import (
     THRESHOLD_FREE_METRICS,
@@ -55,6 +57,93 @@ class Scoring:
     num_workers: int
     resamples: int
     seed: int
+
+
+def known_content(manifest: dict) -> dict[str, str]:
+    """sha1 of the decoded pixels -> why an image with that content may not be scored as a test image."""
+    recorded = manifest.get("content_sha1", {})
+    on_a_side = {rel for side in ("train", "val", "test") for rel, _ in manifest[side]}
+    known = {recorded[rel]: "removed from the held-out side by --dedup" for rel in recorded if rel not in on_a_side}
+    for side, reason in (("val", "in its validation images"), ("train", "in its training images")):
+        known |= {recorded[rel]: reason for rel, _ in manifest[side] if rel in recorded}
+    return known
+
+
+def leave_out_known(samples, manifest: dict, workers: int) -> tuple[list, dict[str, int]]:
+    """The samples whose decoded pixels the checkpoint never trained or validated on, and the count
+    left out per reason (unreadable files too)."""
+    scan = scan_images([path for path, _ in samples], workers=workers)
+    known = known_content(manifest)
+    left_out: dict[str, int] = {}
+    kept = []
+    for path, label in samples:
+        reason = "unreadable" if path in scan.unreadable else known.get(scan.pixel_hash[path], "")
+        if reason:
+            left_out[reason] = left_out.get(reason, 0) + 1
+        else:
+            kept.append((path, label))
+    return kept, left_out
+
+
+def held_out_samples(checkpoint_path: Path, data_dir: str = "", workers: int = 2) -> tuple[list, str]:
+    """The labelled images to test a checkpoint on, and where they come from.
+
+    Without DIR: the test side of the split manifest beside the checkpoint. With DIR: its test/
+    side (organized layout) or all of it (raw layout: the folder the checkpoint was trained on, or
+    another hospital's), minus every image whose decoded pixels the manifest records as training,
+    validation or --dedup-removed content. Content, not paths: a moved or copied folder is still
+    recognised. The console says how many images were left out and why."""
+    manifest_path = Path(checkpoint_path).parent / MANIFEST_NAME
+    manifest = read_json(manifest_path) if manifest_path.is_file() else None
+    if not data_dir:
+        if manifest is None:
+            raise SystemExit(
+                f"error: no {MANIFEST_NAME} beside {checkpoint_path}; pass --data-dir with a "
+                "train/test layout or a labelled Normal/Tuberculosis folder"
+            )
+        return manifest_samples(manifest, "test"), f"test side of {manifest_path}"
+    data = discover_dataset(data_dir)
+    candidates, source = (data.test, f"test/ side of {data.root}") if data.test else (data.train, f"all of {data.root}")
+    if manifest is None or "content_sha1" not in manifest:
+        print(
+            f"WARNING: {checkpoint_path} has no split manifest recording image content beside it; "
+            f"cannot check {source} against its training images",
+            file=sys.stderr,
+        )
+        return candidates, source
+    samples, left_out = leave_out_known(candidates, manifest, workers)
+    if left_out:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in left_out.items())
+        print(f"Left out {sum(left_out.values())} of {len(candidates)} images of {source}: {reasons}")
+        source += f" less {sum(left_out.values())} images the checkpoint trained on, validated on or could not read"
+    elif data.test is None:
+        source += " (external test set: none of its images in the checkpoint's training or validation data)"
+    if not samples:
+        raise SystemExit(
+            f"error: every image of {source} is one the checkpoint trained or validated on, or "
+            "cannot be read: nothing is left to test on"
+        )
+    return samples, source
+
+
+def refuse_trained_on(samples, checkpoint_path: Path, workers: int) -> None:
+    """--compare: stop when the second checkpoint trained or validated on any of the evaluated images."""
+    manifest_path = Path(checkpoint_path).parent / MANIFEST_NAME
+    manifest = read_json(manifest_path) if manifest_path.is_file() else {}
+    if "content_sha1" not in manifest:
+        raise SystemExit(
+            f"error: {checkpoint_path} has no split manifest recording image content beside it, so "
+            "its training images cannot be told apart from the evaluated ones; refusing to compare"
+        )
+    kept, left_out = leave_out_known(samples, manifest, workers)
+    overlap = {reason: count for reason, count in left_out.items() if reason != "unreadable"}
+    if overlap:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in overlap.items())
+        raise SystemExit(
+            f"error: {checkpoint_path} was trained on a different split: of the {len(samples)} evaluated images, "
+            f"{reasons}. A paired test on them would favour it. Compare on images neither model saw: pass "
+            "--data-dir with an external labelled folder"
+        )
 
 
 def predict_checkpoint(checkpoint: dict, samples, device, batch_size: int, num_workers: int):
@@ -154,7 +243,7 @@ def test_only(checkpoint_path: Path, data_dir: str, scoring: Scoring, tracking_u
     """--test-only: evaluate one checkpoint on one labelled folder, with intervals and figures."""
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
-    samples, source = held_out_samples(checkpoint_path, data_dir)
+    samples, source = held_out_samples(checkpoint_path, data_dir, scoring.num_workers or 2)
     name = Path(data_dir).resolve().name if data_dir else "test"
     print(f"Evaluating {checkpoint_path} on {len(samples)} images: {source}")
     labels, probs, report = score_checkpoint(checkpoint, samples, scoring)
@@ -270,7 +359,8 @@ def compare_checkpoints(paths: list[Path], data_dir: str, scoring: Scoring, trac
     """--compare A B: both checkpoints on the same images; reports/comparison.md plus figures."""
     paths = [Path(p) for p in paths]
     checkpoints = [load_checkpoint(p) for p in paths]
-    samples, source = held_out_samples(paths[0], data_dir)
+    samples, source = held_out_samples(paths[0], data_dir, scoring.num_workers or 2)
+    refuse_trained_on(samples, paths[1], scoring.num_workers or 2)
     labels_of = [profile_of(c).gradcam_label for c in checkpoints]
     names = [f"{label} ({path.name})" for label, path in zip(labels_of, paths)]
     print(f"Comparing {names[0]} and {names[1]} on {len(samples)} images: {source}")

@@ -1,12 +1,19 @@
 """The fast data path: images decoded once into a uint8 cache, augmented in batches on the device.
 
-The batched augmentation draws from the same ranges as data.train_transform, so the fast and
+Caches are .npy files streamed to disk row by row (memory stays flat however large the data
+set) and named by what they were made from; decoding runs in worker processes. The batched
+augmentation draws from the same ranges as data.train_transform, so the fast and
 the per-image PIL paths train the same model up to sampling noise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +23,7 @@ from torchvision import transforms
 
 from .config import AUGMENTATION, IMAGENET_MEAN, IMAGENET_STD
 from .decoding import load_xray
+from .progress import track
 
 
 def train_cache_size(image_size: int) -> int:
@@ -23,40 +31,116 @@ def train_cache_size(image_size: int) -> int:
     return int(round(image_size * 1.15))
 
 
+def side_cache_sizes(image_size: int) -> dict[str, int]:
+    """The size each side of the split is cached at."""
+    return {"train": train_cache_size(image_size), "val": image_size, "test": image_size}
+
+
+def resize_pixels(image, size: int) -> np.ndarray:
+    """What the CPU path feeds Resize((size, size)): the same PIL resize (bilinear, antialiased)."""
+    return np.asarray(transforms.functional.resize(image, [size, size]), dtype=np.uint8)
+
+
 def decode_resized(path: str, size: int) -> np.ndarray:
-    """What the CPU path feeds Resize((size, size)): same decoder, same PIL resize (bilinear, antialiased)."""
-    return np.asarray(transforms.functional.resize(load_xray(path), [size, size]), dtype=np.uint8)
+    return resize_pixels(load_xray(path), size)
 
 
-def decoded_cache(paths: list[str], size: int, folder: Path, workers: int = 4) -> np.ndarray:
-    """uint8 greyscale images (N, size, size), decoded once into a memory-mapped .npy file.
-
-    The file name carries a hash of the file list, sizes and modification times, so a
-    changed data set gets a fresh cache and a stale one is never read."""
-    import hashlib
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
-
-    fingerprint = hashlib.sha1(str(size).encode())
+def fingerprint(paths: list[str], *key) -> str:
+    """A name for what was computed from these files: the key, then every file's path, size and
+    modification time, so a changed data set gets a fresh cache and a stale one is never read."""
+    digest = hashlib.sha1("|".join(map(str, key)).encode())
     for path in paths:
         stat = os.stat(path)
-        fingerprint.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    cache_path = Path(folder) / f"decoded_{size}px_{len(paths)}_{fingerprint.hexdigest()[:16]}.npy"
-    if not cache_path.is_file():
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f".{cache_path.name}.tmp")
-        cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # Pillow releases the GIL
-            decoded = pool.map(lambda p: decode_resized(p, size), paths, chunksize=16)
-            for i, pixels in enumerate(
-                tqdm(decoded, total=len(paths), desc=f"Caching {size}px", unit="img", leave=False)
-            ):
-                cache[i] = pixels
-        cache.flush()
-        del cache
-        os.replace(tmp, cache_path)
-    return np.load(cache_path, mmap_mode="r")
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_file(paths: list[str], size: int, folder: Path) -> Path:
+    return Path(folder) / f"decoded_{size}px_{len(paths)}_{fingerprint(paths, size)}.npy"
+
+
+def _apply(fn: Callable, items: list) -> list:
+    return [fn(item) for item in items]
+
+
+def ordered_map(fn: Callable, items: list, workers: int, chunk: int = 32) -> Iterator:
+    """fn over items in worker processes, results in order.
+
+    Processes, not threads: on small images most of the time goes to Python code that holds the
+    GIL. Measured on 2 cores, scanning 64 px PNGs: 1 process 3,900 images/s, 2 threads 1,700,
+    2 processes 5,900; on 512 px PNGs and 1024 px JPEGs, where Pillow releases the GIL, threads
+    and processes tie. At most two chunks per worker are in flight: memory stays flat."""
+    if workers <= 1 or len(items) <= chunk:  # a pool's start-up would cost more than it saves
+        yield from map(fn, items)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for start in range(0, len(items), chunk):
+            pending.append(pool.submit(_apply, fn, items[start : start + chunk]))
+            if len(pending) > 2 * workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
+class RowWriter:
+    """Streams uint8 (size, size) rows, in order, into a .npy file. Written under a temporary
+    name and renamed when complete, so an interrupted run never leaves a torn file behind."""
+
+    def __init__(self, path: Path, count: int, size: int):
+        self.path, self.count, self.written = Path(path), count, 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.file = open(self.tmp, "wb")
+        header = {"descr": "|u1", "fortran_order": False, "shape": (count, size, size)}
+        np.lib.format.write_array_header_1_0(self.file, header)
+
+    def write(self, row: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(row, dtype=np.uint8).tobytes())
+        self.written += 1
+
+    def __enter__(self) -> RowWriter:
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        self.file.close()
+        if error_type is None and self.written == self.count:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink()
+            if error_type is None:
+                raise RuntimeError(f"{self.path}: {self.written} of {self.count} rows written")
+
+
+def read_rows(path: Path, indices: Iterable[int]) -> Iterator[np.ndarray]:
+    """Rows of a uint8 .npy file, one read each: memory stays at one row, however large the file."""
+    with open(path, "rb") as f:
+        np.lib.format.read_magic(f)
+        shape, _, _ = np.lib.format.read_array_header_1_0(f)
+        start, row_bytes = f.tell(), int(np.prod(shape[1:]))
+        for index in indices:
+            f.seek(start + index * row_bytes)
+            yield np.frombuffer(f.read(row_bytes), dtype=np.uint8).reshape(shape[1:])
+
+
+def decoded_cache(
+    paths: list[str], size: int, folder: Path, workers: int = 4, rows_from: tuple[Path, dict[str, int]] | None = None
+) -> np.ndarray:
+    """uint8 greyscale images (N, size, size) in a memory-mapped .npy file named by cache_file.
+
+    Built once: from `rows_from` (a .npy of pixels the scan already resized at this size, and
+    each path's row in it) without decoding, else by decoding in worker processes."""
+    path = cache_file(paths, size, folder)
+    if not path.is_file():
+        if rows_from is not None:
+            source, row_of = rows_from
+            rows = read_rows(source, (row_of[p] for p in paths))
+        else:
+            rows = ordered_map(partial(decode_resized, size=size), paths, workers)
+        with RowWriter(path, len(paths), size) as writer:
+            for row in track(rows, f"Caching {size}px", total=len(paths)):
+                writer.write(row)
+    return np.load(path, mmap_mode="r")
 
 
 class CachedBatches:

@@ -88,14 +88,34 @@ def with_intervals(point: dict[str, float], draws: list[dict], confidence: float
 
 
 def select_thresholds(labels, probs) -> dict[str, float]:
-    """Operating points chosen on validation data: 0.5, Youden's J, and the WHO triage point
-    (the highest threshold whose sensitivity reaches 0.90, i.e. the best specificity there)."""
+    """Operating points chosen on validation data: 0.5, Youden's J, and the WHO triage point.
+
+    Youden's J is maximal on a stretch of thresholds, not at one score; its first maximum in
+    roc_curve is a TB score itself (zero margin: on a separable set, the lowest TB score). Take the
+    middle of the stretch instead. The WHO triage point is the highest threshold whose sensitivity
+    reaches 0.90 (the best specificity there), searched over every point of the curve.
+    """
     from sklearn.metrics import roc_curve
 
-    fpr, tpr, thresholds = roc_curve(labels, probs)
+    # drop_intermediate=False keeps every score: dropped collinear points can hide the exact 0.90 point.
+    fpr, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
     thresholds = np.minimum(thresholds, 1.0)  # roc_curve's first threshold is +inf
     who = int(np.nonzero(tpr >= WHO_TRIAGE_SENSITIVITY)[0][0])
-    return {"default": 0.5, "youden": float(thresholds[np.argmax(tpr - fpr)]), "who_triage": float(thresholds[who])}
+    return {"default": 0.5, "youden": youden_threshold(fpr, tpr, thresholds), "who_triage": float(thresholds[who])}
+
+
+def youden_threshold(fpr: np.ndarray, tpr: np.ndarray, thresholds: np.ndarray) -> float:
+    """The middle of the first stretch of thresholds that maximise J = sensitivity + specificity - 1.
+
+    Threshold i of a descending roc_curve classifies like every t in (thresholds[i + 1], thresholds[i]],
+    so a run of maximising points i_first..i_last covers (thresholds[i_last + 1], thresholds[i_first]].
+    """
+    youden = tpr - fpr
+    first = last = int(np.argmax(youden))
+    while last + 1 < len(youden) and np.isclose(youden[last + 1], youden[first]):
+        last += 1
+    lower = thresholds[last + 1] if last + 1 < len(thresholds) else 0.0
+    return float((thresholds[first] + lower) / 2)
 
 
 def operating_threshold(checkpoint: dict) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -32,10 +33,16 @@ def load_backbone_state(weights: str) -> dict | None:
     if weights == "none":
         return None
     if weights == "imagenet":
-        try:  # torchvision reads the torch hub cache first and downloads only when it is missing
-            return IMAGENET_WEIGHTS.get_state_dict(progress=True)
+        # torchvision reads the torch hub cache first and downloads only when it is missing; the download
+        # is checked against the hash in the file name, and unpickling allows tensors and containers only.
+        try:
+            return IMAGENET_WEIGHTS.get_state_dict(progress=True, check_hash=True, weights_only=True)
         except (OSError, urllib.error.URLError, RuntimeError) as exc:
             raise WeightsUnavailableError(str(exc)) from exc
+        except pickle.UnpicklingError as exc:
+            raise WeightsUnavailableError(
+                f"the cached file is not a safe state dict ({exc.__class__.__name__})"
+            ) from exc
     path = Path(weights)
     if not path.is_file():
         raise WeightsUnavailableError(f"--weights file {path} does not exist")
@@ -63,6 +70,23 @@ def build_model(weights: str = "none", freeze_features: bool = False, num_classe
     return model
 
 
+def train_mode(model: nn.Module) -> None:
+    """model.train(), except BatchNorm layers whose parameters are frozen (--freeze-features):
+    they stay in eval mode, so their running statistics stay those of the initial weights."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            module.eval()
+
+
+def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
+    """How many steps Adam has applied: an fp16 GradScaler skips steps whose gradients overflowed."""
+    steps = [state["step"] for state in optimizer.state.values() if "step" in state]
+    return int(max(steps)) if steps else 0
+
+
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -77,19 +101,45 @@ def build_optimizer(model: nn.Module, lr: float, backbone_lr_mult: float) -> tor
     return torch.optim.Adam(groups)
 
 
+def build_scheduler(optimizer, schedule: str, epochs: int, warmup_epochs: int, plateau_patience: int):
+    """The learning-rate schedule, stepped once per epoch by step_scheduler.
+
+    plateau: the original design's ReduceLROnPlateau on validation loss (x0.1 after `plateau_patience`
+    epochs without improvement). cosine: linear warm-up from a tenth of the rate, then cosine decay to 0."""
+    from torch.optim import lr_scheduler
+
+    if schedule == "plateau":
+        return lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=plateau_patience)
+    cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs - warmup_epochs))
+    if not warmup_epochs:
+        return cosine
+    warmup = lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup_epochs)
+    return lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_epochs])
+
+
+def step_scheduler(scheduler, validation_loss: float) -> None:
+    """End of an epoch: the plateau schedule watches the validation loss, the others only count epochs."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(validation_loss)
+    else:
+        scheduler.step()
+
+
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {group["name"]: group["lr"] for group in optimizer.param_groups}
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader, device: torch.device, amp_dtype=None):
-    """Labels, float32 logits and mean cross-entropy over a loader."""
+def predict_logits(model: nn.Module, loader, device: torch.device):
+    """Labels, logits and mean cross-entropy over a loader, in float32 everywhere.
+
+    Model selection, thresholds and temperature are fitted on these scores, and --test-only
+    recomputes them: no autocast here, so both see the same numbers."""
     model.eval()
     labels, logits, loss_sum = [], [], torch.zeros((), device=device)
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            batch_logits = model(images).float()
+        batch_logits = model(images).float()
         loss_sum += nn.functional.cross_entropy(batch_logits, targets, reduction="sum")
         logits.append(batch_logits)
         labels.append(targets)

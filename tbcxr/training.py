@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import checkpoint_dict, save_checkpoint
+from .checkpoint import checkpoint_dict, load_checkpoint, save_checkpoint
 from .config import (
     CLASS_NAMES,
     LAST_CHECKPOINT_NAME,
@@ -46,6 +46,17 @@ class NonFiniteLossError(SystemExit):
         )
 
 
+def load_resumable(path: str) -> dict:
+    """A checkpoint that keeps its training state (last.pth or a periodic one), for --resume."""
+    checkpoint = load_checkpoint(path)
+    if "optimizer" not in checkpoint:
+        raise SystemExit(
+            f"error: {path} holds weights only (a best_*.pth file); resume from last.pth or a periodic "
+            "checkpoint beside it, which keep the optimizer state"
+        )
+    return checkpoint
+
+
 @dataclass
 class RunState:
     """What the epoch loop changes; saved in every checkpoint, restored by --resume."""
@@ -59,6 +70,7 @@ class RunState:
     completed: bool = False
     thresholds: dict = field(default_factory=lambda: {"default": 0.5})
     temperature: float = 1.0
+    operating_points_epoch: int = 0  # the epoch whose weights and validation the thresholds come from
     peak_memory_mb: float = 0.0
 
 
@@ -103,6 +115,11 @@ class Run:
     def resume_command(self) -> str:
         return f"python resnet50_tb_full.py --resume {self.last_path}"
 
+    @property
+    def stopped_early(self) -> bool:
+        """Early stopping belongs to the plateau schedule; a cosine schedule's length is --epochs."""
+        return self.config.schedule == "plateau" and self.state.stale_epochs >= self.config.early_stop_patience
+
     def save(self, path: Path, include_training_state: bool = True) -> None:
         """Write a checkpoint of the current weights and state (rank 0 only)."""
         if not self.dist.is_main:
@@ -125,16 +142,11 @@ class Run:
 
     def restore(self, resumed: dict) -> None:
         """Weights, optimizer, scheduler, scaler and state of a checkpoint that keeps its training state."""
-        if "optimizer" not in resumed:
-            raise SystemExit(
-                f"error: {self.config.resume} holds weights only (a best_*.pth file); resume from "
-                f"{self.last_path} or a periodic checkpoint, which keep the optimizer state"
-            )
         self.model.load_state_dict(resumed["model"])
         self.optimizer.load_state_dict(resumed["optimizer"])
         self.scheduler.load_state_dict(resumed["scheduler"])
         self.scaler.load_state_dict(resumed["scaler"])
-        self.state = RunState(**{key: resumed[key] for key in asdict(RunState())})
+        self.state = RunState(**{key: resumed[key] for key in asdict(RunState()) if key in resumed})
 
     def summary(self, best_epoch: int, test_metrics: dict) -> dict:
         """What summary.json records about the finished run."""
@@ -147,7 +159,7 @@ class Run:
             "experiment": self.config.experiment, "config": asdict(self.config),
         }  # fmt: skip
 
-    def print_header(self, lr_mult: int) -> None:
+    def print_header(self, lr_mult: float) -> None:
         """The original design's opening lines, then where the data and the processes are."""
         config, manifest, run = self.config, self.manifest, self
         print(f"Training ResNet50 for TB classification - {run.profile.title}")
@@ -162,6 +174,12 @@ class Run:
             print(f"Using different learning rates: Backbone {lrs['backbone']:.2e}, Classifier {lrs['classifier']:.2e}")
         else:
             print(f"Using a single learning rate: Classifier {lrs['classifier']:.2e}")
+        if config.recipe == "from-scratch":
+            options = (("CLAHE", config.clahe), ("intensity augmentation", config.intensity_augment))
+            extras = [name for name, on in options if on]
+            print(f"From-scratch recipe for random initial weights ({config.schedule} schedule, "
+                  f"{config.warmup_epochs} warm-up epochs{''.join(', ' + e for e in extras)}); "
+                  "pass --lr to set the rates yourself")  # fmt: skip
         print(
             f"Data: {manifest['layout']} layout in {manifest['data_dir']}; "
             + ", ".join(f"{side} {len(manifest[side])}" for side in ("train", "val", "test"))
@@ -177,5 +195,5 @@ class Run:
             print(
                 f"Distributed: {world} processes ({torch.distributed.get_backend()}); global batch "
                 f"{config.batch_size} x {world} = {config.batch_size * world}; learning rates "
-                + (f"x {world} (--lr-scale linear)" if lr_mult > 1 else "unscaled (--lr-scale none)")
+                + (f"x {lr_mult:g} (--lr-scale {config.lr_scale})" if lr_mult != 1 else "unscaled (--lr-scale none)")
             )

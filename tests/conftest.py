@@ -154,3 +154,10 @@ def learning_metrics(history: list[dict]) -> list[dict]:
     """Per-epoch history without the timing entries, which differ from run to run by nature."""
     timing = ("train_images_per_second", "train_data_wait_fraction")
     return [{k: v for k, v in epoch.items() if k not in timing} for epoch in history]
+
+
+def coloured_share(png: Path) -> float:
+    """Share of a PNG's pixels that are clearly coloured: plotted data (curves, matrix cells, heatmaps),
+    never the white background, black text and grey axes of an empty titled figure (share 0)."""
+    pixels = np.asarray(Image.open(png).convert("RGB"), dtype=int)
+    return float((pixels.max(axis=-1) - pixels.min(axis=-1) > 60).mean())

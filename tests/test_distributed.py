@@ -87,6 +87,8 @@ def test_two_process_torchrun_writes_one_set_of_outputs_and_evaluates_the_whole_
 
     assert result.stdout.count("Epoch 1: Loss=") == 1 and result.stdout.count("Test Results") == 1
     assert "Distributed: 2 processes (gloo); global batch 8 x 2 = 16" in result.stdout
+    # Adam with the original design's rates: no scaling by the process count unless asked for.
+    assert "learning rates unscaled (--lr-scale none)" in result.stdout
     ckpt = tmp_path / "ddp"
     assert sorted(p.name for p in ckpt.glob("*.pth")) == ["best_resnet50_tb_full_trained.pth", "last.pth"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'ddp.db'}")
@@ -96,6 +98,9 @@ def test_two_process_torchrun_writes_one_set_of_outputs_and_evaluates_the_whole_
 
     # The gathered validation metrics equal a single-process evaluation of the final weights.
     last = load_checkpoint(ckpt / "last.pth")
+    assert [
+        group["initial_lr"] if "initial_lr" in group else group["lr"] for group in last["optimizer"]["param_groups"]
+    ] == [pytest.approx(last["config"]["lr"] * last["config"]["backbone_lr_mult"]), pytest.approx(last["config"]["lr"])]
     model = model_from_checkpoint(last)
     config = trainer.config_from_args(["--resume", str(ckpt / "last.pth")])
     manifest = read_json(ckpt / MANIFEST_NAME)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_organized
+from conftest import coloured_share, make_organized
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from torch import nn
@@ -78,7 +78,7 @@ def test_outputs_index_comparison_and_mlflow_artifacts(tmp_path, trained_layout,
         "gradcam_index_full_training.json",
     }
     assert names == expected
-    assert all((out / name).stat().st_size > 5000 for name in names if name.endswith(".png"))
+    assert all(coloured_share(out / name) > 0.2 for name in names if name.endswith(".png"))  # maps drawn
     with open(out / "gradcam_index_full_training.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["true_label"] for r in rows] == ["Normal", "Normal", "Tuberculosis", "Tuberculosis"]
@@ -139,6 +139,42 @@ def test_batched_maps_equal_one_at_a_time(tmp_path):
 
     np.testing.assert_allclose(together, alone, atol=1e-5)
     assert not any(module._forward_hooks for module in model.modules())  # the context manager cleaned up
+
+
+def explanation(prob_tb: float, threshold: float, predicted: int, true_label: int = 0) -> gradcam.Explanation:
+    rng = np.random.default_rng(0)
+    return gradcam.Explanation(
+        path="case.png",
+        true_label=true_label,
+        prob_tb=prob_tb,
+        predicted=predicted,
+        target=predicted,
+        cam=rng.random((32, 32), dtype=np.float32),
+        rgb=rng.random((32, 32, 3), dtype=np.float32),
+        road=0.1,
+        threshold=threshold,
+    )
+
+
+def test_captions_give_p_tb_against_the_threshold_in_every_figure(tmp_path, monkeypatch):
+    below = explanation(0.515, 0.6, predicted=0)
+    assert gradcam.caption(below) == "True: Normal | Pred: Normal | P(TB) 51.5% < threshold 60.0%"
+    assert gradcam.caption(explanation(0.61, 0.6, predicted=1)) == (
+        "True: Normal | Pred: Tuberculosis  WRONG | P(TB) 61.0% ≥ threshold 60.0%"
+    )
+    assert gradcam.caption(explanation(0.5996, 0.6, predicted=0)).endswith("P(TB) 59.96% < threshold 60.00%")
+
+    figures = []
+    monkeypatch.setattr(gradcam, "save_figure", lambda fig, path, dpi: figures.append(fig))
+    gradcam.render_explanation(below, "gradcam", "full_training", tmp_path / "one.png")
+    gradcam.render_grid([below], "gradcam", "full_training", tmp_path / "grid.png")
+    gradcam.render_comparison((below, below), ("full_training", "transfer_learning"), "gradcam", tmp_path / "pair.png")
+    assert len(figures) == 3
+    for fig in figures:
+        text = " ".join([t.get_text() for t in fig.texts] + [ax.get_title() for ax in fig.axes])
+        gradcam.pyplot().close(fig)
+        assert "Pred: Normal" in text and "P(TB) 51.5% < threshold 60.0%" in text
+        assert "48.5%" not in text  # 1 - P(TB) would read as "48.5% sure it is Normal"
 
 
 def test_missing_checkpoint_names_the_training_command(tmp_path):
@@ -240,3 +276,58 @@ def test_pointing_game_and_faithfulness_on_blob_task(tmp_path):
     # The inverted map keeps what the model uses and removes the rest: it must score worse on every image.
     assert (real > inverted).all()
     assert real.mean() - inverted.mean() > 0.5 * np.abs(real).mean()
+
+
+# --------------------------------------------------------------------------- ROAD is reproducible
+def tiny_model(tmp_path):
+    return model_from_checkpoint(load_checkpoint(save_tiny_checkpoint(tmp_path / "c.pth"))).eval()
+
+
+def test_road_scores_repeat_exactly_and_ignore_the_rest_of_the_batch(tmp_path):
+    model = tiny_model(tmp_path)
+    torch.manual_seed(2)
+    batch = torch.randn(3, 3, 32, 32)
+    targets = [1, 0, 1]
+    maps = gradcam.compute_cams(model, model.layer4, batch, targets, "gradcam")
+    caller_rng = torch.get_rng_state()
+
+    first = gradcam.faithfulness(model, batch, maps, targets, seed=0)
+    again = gradcam.faithfulness(model, batch, maps, targets, seed=0)
+    alone = gradcam.faithfulness(model, batch[2:], maps[2:], targets[2:], seed=0)
+
+    assert np.isfinite(first).all()
+    np.testing.assert_array_equal(first, again)
+    assert alone[0] == first[2]
+    assert torch.equal(torch.get_rng_state(), caller_rng)  # the caller's random stream is left as it was
+    assert not np.array_equal(gradcam.faithfulness(model, batch, maps, targets, seed=1), first)
+
+
+@pytest.mark.parametrize("flat", ["all zero", "half zero, half one"])
+def test_road_on_flat_maps_removes_each_percentile_share(tmp_path, monkeypatch, flat):
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    model = tiny_model(tmp_path)
+    torch.manual_seed(3)
+    batch = torch.randn(1, 3, 32, 32)
+    cam = np.zeros((1, 32, 32), dtype=np.float32)
+    if flat == "half zero, half one":
+        cam[:, :16] = 1.0  # the upper half is the most relevant
+    kept_masks = []
+    impute = NoisyLinearImputer.__call__
+
+    def recording(self, img, mask):
+        kept_masks.append(mask.numpy().astype(bool))  # True: pixel kept, False: removed and imputed
+        return impute(self, img, mask)
+
+    monkeypatch.setattr(NoisyLinearImputer, "__call__", recording)
+
+    scores = [gradcam.faithfulness(model, batch, cam, [1]) for _ in range(2)]
+
+    assert np.isfinite(scores[0]).all() and scores[0] == scores[1]
+    # Least relevant removed first at each percentile, then most relevant first: each keeps its share.
+    shares = [mask.mean() for mask in kept_masks[:8]]
+    assert shares == pytest.approx([p / 100 for p in gradcam.ROAD_PERCENTILES] * 2, abs=2 / cam.size)
+    if flat == "half zero, half one":
+        lerf_20, morf_20 = kept_masks[0], kept_masks[4]
+        assert lerf_20[:16].sum() == lerf_20.sum()  # keeps only the most relevant (upper) half's pixels
+        assert morf_20[16:].sum() == morf_20.sum()  # keeps only the least relevant (lower) half's pixels

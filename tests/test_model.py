@@ -11,7 +11,15 @@ import torch
 from conftest import ROOT
 from torchvision import models
 
-from tbcxr.model import IMAGENET_WEIGHTS, build_model, build_optimizer, count_trainable, group_lrs
+from tbcxr.model import (
+    IMAGENET_WEIGHTS,
+    build_model,
+    build_optimizer,
+    count_trainable,
+    group_lrs,
+    optimizer_steps,
+    train_mode,
+)
 
 
 def test_full_training_has_every_parameter_trainable():
@@ -107,3 +115,54 @@ def test_missing_or_foreign_weights_file_is_refused(tmp_path):
     torch.save({"layer.weight": torch.zeros(2)}, foreign)
     with pytest.raises(SystemExit, match="not a ResNet50 state dict"):
         build_model(str(foreign))
+
+
+class RunsCodeOnLoad:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_cached_imagenet_file_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = tmp_path / "hub" / "checkpoints" / IMAGENET_WEIGHTS.url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    torch.save({"conv1.weight": RunsCodeOnLoad(marker)}, cached)
+
+    with pytest.raises(SystemExit, match="not a safe state dict"):
+        build_model("imagenet")
+    assert not marker.exists()
+
+
+def test_frozen_backbone_keeps_batchnorm_in_eval_mode_while_the_head_trains():
+    model = build_model("none", freeze_features=True)
+    train_mode(model)
+    assert model.fc.training
+    assert not any(m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    model = build_model("none")
+    train_mode(model)
+    assert all(m.training for m in model.modules())
+
+
+def test_fp16_skipped_steps_are_counted_without_reading_the_scale_every_step(monkeypatch):
+    import resnet50_tb_full as trainer
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    optimizer = torch.optim.Adam(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows fp16 gradients: both steps skipped
+    reads = []
+    original = scaler.get_scale
+    monkeypatch.setattr(scaler, "get_scale", lambda: reads.append(1) or original())
+    batches = [(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 0, 1])) for _ in range(2)]
+    loader = type("Loader", (list,), {"batch_size": 4})(batches)
+
+    results = trainer.train_one_epoch(
+        model, loader, torch.nn.CrossEntropyLoss(), optimizer, scaler, torch.device("cpu"), torch.float16
+    )
+
+    assert reads == []  # no host read of the scale inside the step loop
+    assert results["skipped_steps"] == 2 and original() == 2.0**38
+    assert optimizer_steps(optimizer) == 0

@@ -408,7 +408,8 @@ def test_wrong_cli_values_fail_in_argparse(flag, value, complaint, capsys):
     with pytest.raises(SystemExit) as error:
         trainer.config_from_args([flag, value])
     assert error.value.code == 2
-    assert f"argument {flag}" in capsys.readouterr().err and complaint
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and complaint in err
 
 
 def test_outputs_inside_the_data_folder_are_refused(tmp_path, data):

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
-from conftest import ROOT, shared_data
+from conftest import ROOT, coloured_share, shared_data
 from mlflow.tracking import MlflowClient
 
 import resnet50_tb_full as trainer
 from tbcxr.checkpoint import model_from_checkpoint
+from tbcxr.demo import make_demo_dataset
 
 TINY = ["--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--weights", "none"]
 
@@ -65,6 +67,9 @@ def test_two_epochs_write_every_checkpoint_summary_and_mlflow_run(tmp_path, orga
         "classification_report.txt",
     ):
         assert (ckpt_dir / name).is_file(), name
+    # Drawn, not just titled: matrix cells fill about half of their figure, a curve about 1% of its.
+    assert coloured_share(ckpt_dir / "confusion_matrix.png") > 0.2
+    assert coloured_share(ckpt_dir / "roc_curve.png") > 0.002
 
     best = torch.load(ckpt_dir / "best_resnet50_tb_full_trained.pth", map_location="cpu", weights_only=True)
     last = torch.load(ckpt_dir / "last.pth", map_location="cpu", weights_only=True)
@@ -174,3 +179,83 @@ def test_real_data_smoke(tmp_path, dataset):
     expected_total = 402 if dataset == "tb-cxr-mini" else 10
     assert sum(len(manifest[side]) for side in ("train", "val", "test")) == expected_total
     assert 0.0 <= summary["test_metrics"]["test_accuracy"] <= 1.0
+
+
+def test_demo_runs_end_to_end_on_marked_synthetic_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # demo_data/ is written to the working directory
+    # A smaller synthetic set than the demo's 250 images keeps the suite fast; the rest is the real demo.
+    monkeypatch.setattr(trainer, "make_demo_dataset", partial(make_demo_dataset, train_per_class=30, test_per_class=8))
+    ckpt_dir = tmp_path / "ckpt"
+
+    summary = trainer.main(
+        ["--demo", "--epochs", "1", "--checkpoint-dir", str(ckpt_dir), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    )
+
+    assert "Demo: SYNTHETIC chest X-rays in demo_data/ (not real data)" in capsys.readouterr().out
+    assert "SYNTHETIC" in (tmp_path / "demo_data" / "SYNTHETIC_DATA.txt").read_text()
+    assert json.loads((ckpt_dir / "summary.json").read_text())["mlflow_run_id"] == summary["mlflow_run_id"]
+    manifest = json.loads((ckpt_dir / "split_manifest.json").read_text())
+    assert manifest["data_dir"].endswith("demo_data") and len(manifest["test"]) == 16
+    best = torch.load(ckpt_dir / "best_resnet50_tb_full_trained.pth", map_location="cpu", weights_only=True)
+    assert best["image_size"] == 64 and best["config"]["image_size"] == 64
+    assert best["config"]["weights"] == "none" and best["config"]["demo"] and best["config"]["epochs"] == 1
+
+
+def test_class_weight_balance_weights_the_loss_of_the_run(tmp_path, monkeypatch):
+    from conftest import write_xrays
+
+    from tbcxr.training import loss_function
+
+    # sklearn's "balanced" weights, n / (classes x count): 8 / (2 x 6) for Normal, 8 / (2 x 2) for TB.
+    assert loss_function("class-weight", [0] * 6 + [1] * 2, torch.device("cpu")).weight.tolist() == pytest.approx(
+        [8 / 12, 2.0]
+    )
+    assert loss_function("oversample", [0] * 6 + [1] * 2, torch.device("cpu")).weight is None
+
+    data = tmp_path / "data"
+    write_xrays(data / "train" / "Normal", 12, False)
+    write_xrays(data / "train" / "Tuberculosis", 4, True)
+    write_xrays(data / "test" / "Normal", 3, False, seed=1)
+    write_xrays(data / "test" / "Tuberculosis", 3, True, seed=1)
+    losses = []
+    monkeypatch.setattr(trainer, "loss_function", lambda *args: losses.append(loss_function(*args)) or losses[-1])
+
+    run_flags = ["--epochs", "1", "--balance", "class-weight", "--val-fraction", "0.25"]  # 0.25: a TB image in val
+    train(tmp_path, data, f"sqlite:///{tmp_path}/m.db", *run_flags)
+
+    labels = [label for _, label in json.loads((tmp_path / "ckpt" / "split_manifest.json").read_text())["train"]]
+    normal, tb = labels.count(0), labels.count(1)
+    assert tb < normal  # the run's training side is imbalanced
+    assert losses[0].weight.tolist() == pytest.approx([len(labels) / (2 * normal), len(labels) / (2 * tb)])
+    best = torch.load(tmp_path / "ckpt" / "best_resnet50_tb_full_trained.pth", map_location="cpu", weights_only=True)
+    assert best["config"]["balance"] == "class-weight"
+
+
+# --------------------------------------------------------------------------- CUDA-only branches, run on the CPU
+def test_channels_last_layout_runs_on_the_cpu_and_matches_the_default_layout(tmp_path, organized_data, monkeypatch):
+    import tbcxr.data
+    import tbcxr.runtime
+
+    common = ["--epochs", "1", "--deterministic", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    default = trainer.main(["--data-dir", str(organized_data), "--checkpoint-dir", str(tmp_path / "a"), *TINY, *common])
+    asked = []
+    for module in (tbcxr.runtime, tbcxr.data):
+        monkeypatch.setattr(module, "use_channels_last", lambda device: asked.append(device.type) or True)
+    channels_last = trainer.main(
+        ["--data-dir", str(organized_data), "--checkpoint-dir", str(tmp_path / "b"), *TINY, *common]
+    )
+
+    assert asked and set(asked) == {"cpu"}
+    for key in ("test_loss", "test_auc"):
+        assert channels_last["test_metrics"][key] == pytest.approx(default["test_metrics"][key], abs=1e-4)
+
+
+def test_compile_runs_on_the_cpu_and_checkpoints_keep_the_plain_model_keys(tmp_path, organized_data):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = train(tmp_path, organized_data, uri, "--epochs", "1", "--compile")
+
+    best = torch.load(tmp_path / "ckpt" / "best_resnet50_tb_full_trained.pth", map_location="cpu", weights_only=True)
+    assert not any(key.startswith("_orig_mod") for key in best["model"])
+    model = model_from_checkpoint(best)  # loads strictly into a plain ResNet50
+    assert torch.equal(model.fc.bias, best["model"]["fc.bias"])
+    assert summary["best_epoch"] == 1

@@ -1,0 +1,211 @@
+"""Does a model trained on one hospital's X-rays detect tuberculosis at another hospital?
+
+Trains, from random weights and on the same data with the same budget of epochs and pixels,
+(a) a naive reference: plain torchvision ResNet50, ImageFolder + PIL transforms (resize, flip),
+    Adam backbone 1e-4 / head 1e-3, the last epoch kept;
+(b) this project: `resnet50_tb_full.py --weights none` with its from-scratch recipe,
+for several seeds, and scores each on the training set's own test side (internal) and on a
+second hospital never used for training or for choosing anything (external). ROC AUC with a
+95% stratified bootstrap interval per run, the mean over seeds, and the difference of the
+means on the external set with a paired bootstrap interval (the same resampled images for every
+model).
+
+    python benchmarks/bench_generalisation.py                        # 3 seeds, 15 epochs, 128 px
+    python benchmarks/bench_generalisation.py --seeds 0 --epochs 3   # a quick look
+    python benchmarks/bench_generalisation.py --only project --project-args --no-clahe
+
+With --per-epoch every epoch's weights are also scored (for analysis only: nothing is chosen
+on the external set), to show which rule for picking the checkpoint would have generalised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torchvision import datasets, models, transforms
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import resnet50_tb_full as trainer  # noqa: E402
+from tbcxr.checkpoint import load_checkpoint  # noqa: E402
+from tbcxr.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from tbcxr.data import discover_dataset  # noqa: E402
+from tbcxr.evaluation import held_out_samples, predict_checkpoint  # noqa: E402
+from tbcxr.metrics import bootstrap_indices  # noqa: E402
+from tbcxr.runtime import seed_everything  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-dir", default=str(SHARED / "tb-cxr-mini"), help="organized train/test folder")
+    parser.add_argument("--external-dir", default=str(SHARED / "tb-shenzhen-290"), help="another hospital")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training per seed and model")
+    parser.add_argument("--epochs", type=int, default=15, help="epochs for both models")
+    parser.add_argument("--image-size", type=int, default=128, help="input size for both models")
+    parser.add_argument("--batch-size", type=int, default=16, help="batch size for both models")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
+    parser.add_argument("--only", choices=["both", "naive", "project"], default="both", help="which models to train")
+    parser.add_argument("--per-epoch", action="store_true", help="also score every epoch of the project's runs")
+    parser.add_argument("--project-args", nargs=argparse.REMAINDER, default=[], help="extra trainer flags")
+    parser.add_argument("--work-dir", default=str(ROOT / "benchmarks" / "data" / "generalisation"), help="scratch")
+    parser.add_argument("--out", default="", help="write the results as JSON here")
+    return parser
+
+
+# --------------------------------------------------------------------------- (a) the naive reference
+def naive_transforms(size: int, train: bool) -> transforms.Compose:
+    steps = [transforms.Resize((size, size))] + ([transforms.RandomHorizontalFlip()] if train else [])
+    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+@torch.no_grad()
+def naive_scores(model, folder: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and TB probabilities of the naive model on an ImageFolder (class folders Normal, Tuberculosis)."""
+    model.eval()
+    dataset = datasets.ImageFolder(str(folder), transform=naive_transforms(size, train=False))
+    assert dataset.classes == ["Normal", "Tuberculosis"], dataset.classes
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64)
+    labels, probs = [], []
+    for images, targets in loader:
+        probs.append(model(images).softmax(dim=1)[:, 1])
+        labels.append(targets)
+    return torch.cat(labels).numpy(), torch.cat(probs).numpy()
+
+
+def train_naive(args, seed: int) -> dict:
+    seed_everything(seed)
+    train_set = datasets.ImageFolder(str(Path(args.train_dir) / "train"), naive_transforms(args.image_size, True))
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=2)
+    model = models.resnet50(weights=None)
+    model.fc = torch.nn.Linear(model.fc.in_features, 2)
+    backbone = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
+    optimizer = torch.optim.Adam([{"params": backbone, "lr": 1e-4}, {"params": model.fc.parameters(), "lr": 1e-3}])
+    for _ in range(args.epochs):
+        model.train()
+        for images, targets in loader:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(images), targets).backward()
+            optimizer.step()
+    return {
+        "internal": naive_scores(model, Path(args.train_dir) / "test", args.image_size),
+        "external": naive_scores(model, Path(args.external_dir), args.image_size),
+    }
+
+
+# --------------------------------------------------------------------------- (b) this project
+def project_scores(checkpoint: dict, internal, external) -> dict:
+    device = torch.device("cpu")
+    return {"internal": predict_checkpoint(checkpoint, internal, device, 64, 2),
+            "external": predict_checkpoint(checkpoint, external, device, 64, 2)}  # fmt: skip
+
+
+def train_project(args, seed: int) -> dict:
+    work = Path(args.work_dir) / f"project_seed{seed}"
+    shutil.rmtree(work, ignore_errors=True)
+    flags = ["--data-dir", args.train_dir, "--weights", "none", "--image-size", str(args.image_size),
+             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(seed),
+             "--checkpoint-dir", str(work), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}",
+             "--num-workers", "2", "--early-stop-patience", str(args.epochs)]  # fmt: skip
+    if args.per_epoch:
+        flags += ["--save-every", "1"]
+    trainer.main(flags + args.project_args)
+    best_path = work / "best_resnet50_tb_full_trained.pth"
+    internal = held_out_samples(best_path)[0]
+    external = discover_dataset(args.external_dir).train
+    result = project_scores(load_checkpoint(best_path), internal, external)
+    last = load_checkpoint(work / "last.pth")
+    result |= {"best_epoch": last["best_epoch"], "history": last["history"]}
+    if args.per_epoch:
+        result["per_epoch"] = []
+        for path in sorted(
+            work.glob("*_epoch*_resnet50_tb_full_trained.pth"), key=lambda p: int(p.stem.split("_")[1][5:])
+        ):
+            scores = project_scores(load_checkpoint(path), internal, external)
+            result["per_epoch"].append({part: roc_auc_score(*scores[part]) for part in ("internal", "external")})
+            path.unlink()  # 15 epochs of 190 MB checkpoints per run add up
+    return result
+
+
+# --------------------------------------------------------------------------- report
+def auc_with_interval(labels, probs, resamples: int) -> dict:
+    draws = [roc_auc_score(labels[i], probs[i]) for i in bootstrap_indices(labels, resamples, seed=0)]
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return {"auc": float(roc_auc_score(labels, probs)), "ci_low": float(low), "ci_high": float(high)}
+
+
+def mean_difference(runs: dict, part: str, resamples: int) -> dict:
+    """Mean over seeds of the project's AUC minus the naive reference's, with a paired bootstrap interval."""
+    labels = runs["naive"][0][part][0]
+    for model_runs in runs.values():
+        for run in model_runs:
+            assert np.array_equal(run[part][0], labels), "both models must be scored on the same images"
+
+    def difference(index):
+        means = {name: np.mean([roc_auc_score(labels[index], r[part][1][index]) for r in model_runs])
+                 for name, model_runs in runs.items()}  # fmt: skip
+        return means["project"] - means["naive"]
+
+    draws = [difference(i) for i in bootstrap_indices(labels, resamples, seed=1)]
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return {"difference": float(difference(np.arange(len(labels)))), "ci_low": float(low), "ci_high": float(high)}
+
+
+def print_table(results: dict, args) -> None:
+    print(f"\nTrained on {args.train_dir} (train side), {args.epochs} epochs at {args.image_size} px, random initial "
+          f"weights; ROC AUC [95% CI, {args.resamples} stratified bootstrap resamples]")  # fmt: skip
+    print(f"{'model':<18}{'seed':>5}  {'internal (own test side)':<28}{'external (other hospital)':<28}")
+    for name, runs in results["runs"].items():
+        for seed, run in zip(args.seeds, runs):
+            cells = [
+                f"{run[p]['auc']:.3f} [{run[p]['ci_low']:.3f}, {run[p]['ci_high']:.3f}]"
+                for p in ("internal", "external")
+            ]
+            print(f"{name:<18}{seed:>5}  {cells[0]:<28}{cells[1]:<28}")
+        means = [np.mean([run[p]["auc"] for run in runs]) for p in ("internal", "external")]
+        print(f"{name:<18}{'mean':>5}  {means[0]:<28.3f}{means[1]:<28.3f}")
+    for part, entry in results.get("difference", {}).items():
+        interval = f"[{entry['ci_low']:+.3f}, {entry['ci_high']:+.3f}]"
+        print(f"project - naive, mean {part} AUC: {entry['difference']:+.3f} {interval}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    started = time.perf_counter()
+    names = ["naive", "project"] if args.only == "both" else [args.only]
+    scores = {name: [] for name in names}
+    for seed in args.seeds:
+        for name in names:
+            print(f"== {name}, seed {seed}", flush=True)
+            scores[name].append(train_naive(args, seed) if name == "naive" else train_project(args, seed))
+    results = {"date": str(date.today()), "args": vars(args), "runs": {}}
+    for name, runs in scores.items():
+        results["runs"][name] = [
+            {part: auc_with_interval(*run[part], args.resamples) for part in ("internal", "external")}
+            | {key: run[key] for key in ("best_epoch", "history", "per_epoch") if key in run}
+            for run in runs
+        ]
+    if len(names) == 2:
+        results["difference"] = {
+            part: mean_difference(scores, part, args.resamples) for part in ("internal", "external")
+        }
+    results["seconds"] = time.perf_counter() - started
+    print_table(results, args)
+    print(f"Total time: {results['seconds'] / 60:.1f} min")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Data preparation at scale: the chunked leak check against an all-pairs reference, one decode
+per image, the kept scan and caches, and --prepare-only."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_organized, shared_data
+from PIL import Image
+
+import resnet50_tb_full as trainer
+from tbcxr import data_quality, fast_data
+from tbcxr.config import MANIFEST_NAME
+from tbcxr.data import discover_dataset, make_loaders, make_split_manifest, manifest_samples, prepare_manifest
+from tbcxr.data_quality import LEAK_CHUNK, PAIRS, ImageScan, find_leaks, scan_images
+from tbcxr.fast_data import decode_resized, side_cache_sizes
+
+
+def brute_force_leaks(manifest: dict, bits: dict[str, np.ndarray], sha1: dict[str, str], max_distance: int):
+    """The all-pairs check the chunked one replaced: N_kept x N_held_out x 256 booleans."""
+    leaks = []
+    for kept, held_out in PAIRS:
+        a, b = [rel for rel, _ in manifest[kept]], [rel for rel, _ in manifest[held_out]]
+        if not a or not b:
+            continue
+        distances = (np.stack([bits[r] for r in a])[:, None, :] != np.stack([bits[r] for r in b])[None]).sum(axis=2)
+        for i, j in zip(*np.nonzero(distances <= max_distance)):
+            kind = "exact" if sha1[a[i]] == sha1[b[j]] else "near"
+            leaks.append(
+                {"kind": kind, "distance": int(distances[i, j]), kept: a[i], held_out: b[j], "held_out_side": held_out}
+            )
+    return leaks
+
+
+def flipped(bits: np.ndarray, count: int, rng) -> np.ndarray:
+    copy = bits.copy()
+    copy[rng.choice(256, count, replace=False)] ^= True
+    return copy
+
+
+def generated_hashes(threshold: int):
+    """Random 256-bit hashes (about 128 bits apart) on three sides, with planted pairs at 0, exactly
+    `threshold` and threshold + 1 bits, on both sides of a chunk boundary."""
+    rng = np.random.default_rng(0)
+    sides = {"train": 200, "val": LEAK_CHUNK * 2 + 2, "test": 70}
+    rels = {side: [f"{side}/img_{i:03d}.png" for i in range(n)] for side, n in sides.items()}
+    bits = {rel: rng.random(256) < 0.5 for side in rels for rel in rels[side]}
+    sha1 = {rel: hashlib.sha1(rel.encode()).hexdigest() for rel in bits}
+    planted = [  # (kept image, held-out image, bits flipped, same pixels)
+        ("train/img_005.png", "test/img_000.png", threshold, False),
+        ("train/img_006.png", "test/img_001.png", threshold + 1, False),
+        ("train/img_007.png", "val/img_000.png", 0, True),
+        ("train/img_008.png", "val/img_001.png", 0, False),
+        ("train/img_009.png", f"val/img_{LEAK_CHUNK - 1:03d}.png", threshold, False),
+        ("train/img_009.png", f"val/img_{LEAK_CHUNK:03d}.png", threshold - 1, False),
+        ("val/img_002.png", "test/img_002.png", threshold, False),
+        ("val/img_002.png", "test/img_069.png", threshold + 1, False),
+    ]
+    for kept, held_out, count, same in planted:
+        bits[held_out] = flipped(bits[kept], count, rng)
+        if same:
+            sha1[held_out] = sha1[kept]
+    manifest = {"data_dir": "/data"} | {side: [[rel, i % 2] for i, rel in enumerate(rels[side])] for side in rels}
+    paths = [f"/data/{rel}" for rel in bits]
+    scan = ImageScan(
+        paths,
+        {},
+        {f"/data/{rel}": digest for rel, digest in sha1.items()},
+        np.packbits(np.stack([bits[rel] for rel in bits]), axis=1),
+    )
+    return manifest, scan, bits, sha1
+
+
+@pytest.mark.parametrize("max_distance", [10, 120])
+def test_chunked_leak_check_equals_all_pairs(max_distance):
+    manifest, scan, bits, sha1 = generated_hashes(threshold=10)
+    expected = brute_force_leaks(manifest, bits, sha1, max_distance)
+    assert find_leaks(manifest, scan, max_distance) == expected
+    if max_distance == 10:  # the planted pairs: at the threshold in, one bit over out, exact told apart
+        pairs = {(leak["kind"], leak["distance"], leak[leak["held_out_side"]]) for leak in expected}
+        assert pairs == {
+            ("near", 10, "test/img_000.png"),
+            ("exact", 0, "val/img_000.png"),
+            ("near", 0, "val/img_001.png"),
+            ("near", 10, f"val/img_{LEAK_CHUNK - 1:03d}.png"),
+            ("near", 9, f"val/img_{LEAK_CHUNK:03d}.png"),
+            ("near", 10, "test/img_002.png"),
+        }
+    else:
+        assert len(expected) > 1000  # random pairs too: the order of the list is checked as well
+
+
+@pytest.mark.parametrize("name", ["tb-cxr-mini", "tb-shenzhen-290"])
+def test_leak_check_on_real_x_rays_equals_all_pairs(name):
+    data = discover_dataset(shared_data(name))
+    paths = [path for path, _ in data.train + (data.test or [])]
+    manifest = make_split_manifest(data, 0.15, 0.2, seed=42)
+    scan = scan_images(paths, workers=2)
+    bits = {
+        os.path.relpath(p, data.root): np.unpackbits(scan.perceptual_hash[i]).astype(bool) for i, p in enumerate(paths)
+    }
+    sha1 = {os.path.relpath(p, data.root): digest for p, digest in scan.pixel_hash.items()}
+    for max_distance in (10, 80):  # 80 bits: hundreds of pairs of distinct X-rays
+        assert find_leaks(manifest, scan, max_distance) == brute_force_leaks(manifest, bits, sha1, max_distance)
+    assert find_leaks(manifest, scan) == []  # distinct real X-rays are at least 42 bits apart
+
+
+def test_worker_processes_scan_like_one_process(tmp_path):
+    data = make_organized(tmp_path / "data", train=14, test=4, size=40)  # 37 files: more than one chunk of work
+    paths = sorted(str(p) for p in data.rglob("*.png"))
+    (data / "train" / "Normal" / "empty.png").write_bytes(b"")
+    paths.append(str(data / "train" / "Normal" / "empty.png"))
+    one = scan_images(paths, workers=1, cache_dir=tmp_path / "one", sizes=(24,))
+    two = scan_images(paths, workers=2, cache_dir=tmp_path / "two", sizes=(24,))
+    assert one.unreadable.keys() == two.unreadable.keys() == {paths[-1]}
+    assert one.pixel_hash == two.pixel_hash and np.array_equal(one.perceptual_hash, two.perceptual_hash)
+    pixels = np.load(two.pixels[24])
+    assert np.array_equal(np.load(one.pixels[24]), pixels)
+    assert np.array_equal(pixels[0], decode_resized(paths[0], 24)) and not pixels[-1].any()
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """Every decode, counted: scanning and caching run in this process so the count sees them all."""
+    calls = []
+
+    def counting(decode):
+        def wrapper(path):
+            calls.append(str(path))
+            return decode(path)
+
+        return wrapper
+
+    for module in (data_quality, fast_data):
+        monkeypatch.setattr(module, "load_xray", counting(module.load_xray))
+        monkeypatch.setattr(module, "ordered_map", lambda fn, items, workers: map(fn, items))
+    return calls
+
+
+def prepare_and_load(data: Path, tmp_path: Path) -> dict:
+    """prepare_manifest then make_loaders, as the trainer calls them on the fast data path."""
+    kwargs = dict(val_fraction=0.2, test_fraction=0.2, seed=1, strict=False, dedup=False, workers=2)
+    manifest = prepare_manifest(
+        str(data), tmp_path / MANIFEST_NAME, **kwargs, cache_dir=tmp_path / "cache", image_size=32
+    )
+    loader_args = dict(image_size=32, batch_size=4, seed=1, oversample=False, fast_data=True, num_workers=0)
+    make_loaders(manifest, torch.device("cpu"), cache_dir=tmp_path / "cache", **loader_args)
+    return manifest
+
+
+def test_each_image_is_decoded_once_and_an_unchanged_set_not_again(tmp_path, decodes, capsys):
+    data = make_organized(tmp_path / "data", train=8, test=3, size=40)
+    (data / "train" / "Normal" / "empty.png").write_bytes(b"")
+    files = sorted(str(p) for p in data.rglob("*.png"))
+
+    manifest = prepare_and_load(data, tmp_path)
+    assert sorted(decodes) == files  # unreadable files included: each decoded (tried) once
+    caches = sorted((tmp_path / "cache").glob("decoded_*.npy"))
+    assert len(caches) == 3 and not list((tmp_path / "cache").glob("scan_*px_*.npy"))  # the scan's pixels moved
+    for side, size in side_cache_sizes(32).items():  # the caches hold the pixels the decode-per-side path makes
+        paths = [path for path, _ in manifest_samples(manifest, side)]
+        cache = fast_data.decoded_cache(paths, size, tmp_path / "cache")
+        assert np.array_equal(cache, np.stack([decode_resized(p, size) for p in paths]))
+
+    decodes.clear()
+    capsys.readouterr()
+    again = prepare_and_load(data, tmp_path)
+    assert decodes == [] and again == manifest
+    assert capsys.readouterr().out.count("unchanged, results read from") == 2  # the scan and the leak check
+    assert sorted((tmp_path / "cache").glob("decoded_*.npy")) == caches
+
+    changed = sorted((data / "test" / "Tuberculosis").iterdir())[0]
+    Image.fromarray(np.full((40, 40), 7, dtype=np.uint8), mode="L").save(changed)
+    prepare_and_load(data, tmp_path)
+    assert sorted(decodes) == files  # a changed file: scanned and cached afresh, still once per image
+    assert len(set((tmp_path / "cache").glob("decoded_*.npy")) - set(caches)) >= 1
+
+
+class ModelBuilt(Exception):
+    """Raised in place of building a model: the run got that far."""
+
+
+def test_prepare_only_writes_the_manifest_builds_no_model_and_training_reuses_it(tmp_path, capsys, monkeypatch):
+    data = make_organized(tmp_path / "data", train=10, test=3, size=40)
+    args = ["--data-dir", str(data), "--checkpoint-dir", str(tmp_path / "ckpt"), "--image-size", "32"]
+
+    def build_model(*_, **__):
+        raise ModelBuilt
+
+    monkeypatch.setattr(trainer, "build_model", build_model)
+    manifest = trainer.main([*args, "--prepare-only"])
+    report = capsys.readouterr().out
+    assert (tmp_path / "ckpt" / MANIFEST_NAME).is_file() and sum(
+        len(manifest[side]) for side in ("train", "val", "test")
+    ) == 26
+    assert "Prepared data:" in report and "duplicates across splits: 0 exact, 0 near" in report
+    assert "decoded cache: " in report and str(tmp_path / "ckpt" / "cache") in report
+
+    def no_decoding(path):
+        raise AssertionError(f"{path} decoded again")
+
+    for module in (data_quality, fast_data):
+        monkeypatch.setattr(module, "load_xray", no_decoding)
+    with pytest.raises(ModelBuilt):  # the next training run goes from its data straight to the model
+        trainer.main(args)

@@ -35,7 +35,7 @@ from tbcxr.config import (
     profile_of,
     refuse_inside,
 )
-from tbcxr.data import eval_transform, find_class_dirs, labelled_images, list_images
+from tbcxr.data import checkpoint_transform, find_class_dirs, labelled_images, list_images
 from tbcxr.decoding import UNREADABLE_IMAGE_ERRORS, load_xray
 from tbcxr.evaluation import held_out_samples
 from tbcxr.figures import pyplot, save_figure
@@ -197,7 +197,7 @@ def explain(
 
     Predictions use the checkpoint's temperature and operating threshold (validation-chosen)."""
     threshold = operating_threshold(checkpoint)
-    transform = eval_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
+    transform = checkpoint_transform(checkpoint)
     model = model.to(device).eval()
     explanations = []
     for start in track(range(0, len(samples), batch_size), method, unit="batch", noun="batches"):
@@ -309,6 +309,16 @@ def render_explanation(e: Explanation, method: str, run_label: str, path: Path) 
     save_figure(fig, path, dpi=100)
 
 
+def provenance(checkpoint: dict, manifest: dict | None) -> str:
+    """What the model in a figure was trained on and how, so that no reader takes it for more than it is."""
+    weights = checkpoint["config"].get("weights", "?")
+    start = {"none": "random initial weights", "imagenet": "ImageNet initial weights"}.get(weights, weights)
+    data = "unknown data"
+    if manifest:
+        data = f"{Path(manifest['data_dir']).name} ({len(manifest['train']) + len(manifest['val'])} training images)"
+    return f"model trained on {data}, {checkpoint['image_size']} px, {start}; epoch {checkpoint.get('epoch', '?')}"
+
+
 def render_grid(explanations: list[Explanation], method: str, run_label: str, path: Path, per_class: int = 4) -> None:
     """A few cases per true class, wrong predictions first, as one overview PNG."""
     rows = []
@@ -374,7 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = model_from_checkpoint(checkpoint)
     output_dir = Path(config.output_dir or profile.gradcam_dir)
     manifest_path = checkpoint_path.parent / MANIFEST_NAME
-    trained_on = read_json(manifest_path)["data_dir"] if manifest_path.is_file() else ""
+    manifest = read_json(manifest_path) if manifest_path.is_file() else None
+    trained_on = manifest["data_dir"] if manifest else ""
     for data_dir in {config.data_dir, trained_on} - {""}:
         refuse_inside(output_dir, data_dir, "--output-dir")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -442,7 +453,7 @@ def main(argv: list[str] | None = None) -> dict:
             written.append(path)
 
     grid_path = output_dir / f"gradcam_summary_{profile.gradcam_label}.png"
-    render_grid(explanations, config.method, profile.gradcam_label, grid_path)
+    render_grid(explanations, config.method, f"{profile.gradcam_label}\n{provenance(checkpoint, manifest)}", grid_path)
     road = mean_road_per_class(explanations)
     summary = {
         "checkpoint": str(checkpoint_path),

@@ -19,21 +19,15 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from tbcxr import evaluation, runtime
-from tbcxr.checkpoint import (
-    load_checkpoint,
-    model_from_checkpoint,
-    read_json,
-    write_json,
-)
+from tbcxr.checkpoint import load_checkpoint, model_from_checkpoint, read_json, write_json
 from tbcxr.config import (
     FULL_TRAINING,
     SUMMARY_NAME,
@@ -51,12 +45,18 @@ from tbcxr.config import (
 from tbcxr.data import make_loaders, prepare_manifest
 from tbcxr.demo import DEMO_DATA_DIR, make_demo_dataset
 from tbcxr.figures import save_test_figures
-from tbcxr.metrics import classification_metrics, format_results, operating_points, scalar_metrics, tb_probability
+from tbcxr.metrics import (
+    classification_metrics,
+    format_results,
+    operating_points,
+    scalar_metrics,
+    selection_score,
+    tb_probability,
+)
 from tbcxr.model import (
     build_model,
     build_optimizer,
     build_scheduler,
-    count_trainable,
     group_lrs,
     optimizer_steps,
     predict_logits,
@@ -64,7 +64,7 @@ from tbcxr.model import (
     train_mode,
 )
 from tbcxr.progress import track
-from tbcxr.tracking import continue_run, log_model, resolve_tracking_uri, start_run
+from tbcxr.tracking import log_model
 from tbcxr.training import NonFiniteLossError, Run, load_resumable, loss_function
 
 
@@ -84,18 +84,16 @@ class TrainConfig:
     device: str = flag("auto", "compute device", choices=["auto", "cuda", "cpu", "mps"])
     num_workers: int = flag(min(4, os.cpu_count() or 1), "DataLoader worker processes", type=non_negative_int)
     val_fraction: float = flag(0.15, "share of train held out for validation (stratified)", type=open_fraction)
-    test_fraction: float = flag(
-        0.2, "share held out for test when the data has no train/test split", type=open_fraction
-    )
-    scheduler_patience: int = flag(
-        3, "ReduceLROnPlateau patience in epochs (on validation loss)", type=non_negative_int
-    )
+    test_fraction: float = flag(0.2, "share held out for test when the data has no test/ side", type=open_fraction)
+    scheduler_patience: int = flag(3, "ReduceLROnPlateau patience in epochs, on validation loss", type=non_negative_int)
     recipe: str = flag("original", "original: the original design's settings, made for ImageNet weights; from-scratch: "
                        "the settings measured best from random weights (default with --weights none and no --lr)",
                        choices=["original", "from-scratch"])  # fmt: skip
     schedule: str = flag("plateau", "plateau: ReduceLROnPlateau on validation loss, with early stopping; cosine: "
                          "--warmup-epochs of linear warm-up, then cosine decay over --epochs",
                          choices=["plateau", "cosine"])  # fmt: skip
+    selection_window: int = flag(1, "pick the best epoch by validation AUC averaged over this many epochs up to it",
+                                 type=positive_int)  # fmt: skip
     warmup_epochs: int = flag(0, "epochs of linear learning-rate warm-up (--schedule cosine)", type=non_negative_int)
     clahe: bool = flag(False, "contrast-limited adaptive histogram equalisation of every image, train and test alike")
     intensity_augment: bool = flag(False, "also augment intensity (gamma, blur, noise): X-rays of other hospitals")
@@ -103,17 +101,13 @@ class TrainConfig:
     balance: str = flag("oversample", "class imbalance handling", choices=["oversample", "class-weight", "none"])
     seed: int = flag(42, "random seed for splits, sampling and initialisation")
     save_every: int = flag(5, "also keep a timestamped checkpoint every N epochs", type=positive_int)
-    checkpoint_dir: str = flag(
-        FULL_TRAINING.checkpoint_dir, "checkpoint folder (checkpoints/resnet50_tb with --freeze-features)"
-    )
+    checkpoint_dir: str = flag(FULL_TRAINING.checkpoint_dir, "checkpoint folder (checkpoints/resnet50_tb if frozen)")
     tracking_uri: str = flag(
         "",
         "MLflow tracking URI; default MLFLOW_TRACKING_URI, else http://127.0.0.1:5003 if it answers, "
         "else sqlite:///mlflow.db",
     )
-    experiment: str = flag(
-        FULL_TRAINING.experiment, "MLflow experiment name (ResNet50_TB_FineTuning with --freeze-features)"
-    )
+    experiment: str = flag(FULL_TRAINING.experiment, "MLflow experiment (ResNet50_TB_FineTuning if frozen)")
     resume: str = flag("", "continue from this checkpoint (e.g. checkpoints/resnet50_tb_full/last.pth)")
     demo: bool = flag(False, "generate a small synthetic data set and run the whole pipeline on it")
     prepare_only: bool = flag(False, "check, split and cache the data, print a data report, and exit (no model)")
@@ -156,6 +150,7 @@ FROM_SCRATCH_DEFAULTS = dict(
     clahe=True,
     intensity_augment=True,
 )
+COSINE_LENGTH = ("epochs", "schedule", "warmup_epochs")  # what lays out a cosine schedule
 DEMO_DEFAULTS = dict(
     data_dir=DEMO_DATA_DIR, epochs=6, image_size=64, weights="none", lr=1e-3, backbone_lr_mult=1.0, num_workers=0
 )
@@ -180,14 +175,20 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
         saved = dict(load_checkpoint(given["resume"])["config"])
         saved.pop("resume", None)
         layered |= saved
+        if saved.get("schedule") == "cosine" and any(given.get(k, saved[k]) != saved[k] for k in COSINE_LENGTH):
+            parser.error("a cosine schedule is laid out by --epochs and --warmup-epochs: resume it unchanged")
     else:
         if given.get("freeze_features"):
             layered |= TRANSFER_DEFAULTS
         if given.get("demo"):
             layered |= DEMO_DEFAULTS
-        random_weights = (layered | given).get("weights") == "none" and not given.get("freeze_features")
-        if given.get("recipe") == "from-scratch" or (random_weights and not {"lr", "backbone_lr_mult"} & given.keys()):
+        # Random weights and no rates of the user's own: the from-scratch recipe, unless --recipe says otherwise.
+        automatic = (layered | given).get("weights") == "none" and not {"lr", "backbone_lr_mult"} & given.keys()
+        automatic &= not (given.get("freeze_features") or given.get("demo"))
+        if given.get("recipe", "from-scratch" if automatic else "original") == "from-scratch":
             layered |= FROM_SCRATCH_DEFAULTS
+    if "warmup_epochs" in given and (layered | given).get("schedule", "plateau") == "plateau":
+        parser.error("--warmup-epochs needs --schedule cosine")
     return TrainConfig(**(layered | given))
 
 
@@ -295,29 +296,17 @@ def prepare_data(run: Run, resuming: bool) -> None:
             run.manifest = read_json(run.manifest_path)
         else:
             run.manifest = prepare_manifest(
-                config.data_dir,
-                run.manifest_path,
-                val_fraction=config.val_fraction,
-                test_fraction=config.test_fraction,
-                seed=config.seed,
-                strict=config.strict,
-                dedup=config.dedup,
-                workers=max(2, config.num_workers),
+                config.data_dir, run.manifest_path, val_fraction=config.val_fraction,
+                test_fraction=config.test_fraction, seed=config.seed, strict=config.strict, dedup=config.dedup,
+                workers=max(2, config.num_workers), image_size=config.image_size,
                 cache_dir=run.checkpoint_dir / "cache" if config.fast_data else None,
-                image_size=config.image_size,
-            )
+            )  # fmt: skip
         run.loaders = make_loaders(
-            run.manifest,
-            run.device,
-            image_size=config.image_size,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            oversample=config.balance == "oversample",
-            fast_data=config.fast_data,
-            cache_dir=run.checkpoint_dir / "cache",
-            num_workers=config.num_workers,
-            dist=run.dist,
-        )
+            run.manifest, run.device, image_size=config.image_size, batch_size=config.batch_size, seed=config.seed,
+            oversample=config.balance == "oversample", fast_data=config.fast_data, num_workers=config.num_workers,
+            cache_dir=run.checkpoint_dir / "cache", dist=run.dist, clahe=config.clahe,
+            intensity=config.intensity_augment,
+        )  # fmt: skip
 
 
 def build_training(run: Run, resumed: dict | None) -> None:
@@ -355,26 +344,7 @@ def restore_or_start(run: Run, resumed: dict | None) -> bool:
         print(f"Resumed from {run.config.resume} after epoch {run.state.epoch}")
     if not run.dist.is_main:
         return True
-    if resumed:
-        run.logger = continue_run(resumed, run.pending_path)
-    else:
-        tracking_uri, source = resolve_tracking_uri(run.config.tracking_uri, run.profile.port)
-        print(f"MLflow: {tracking_uri} ({source}), experiment {run.config.experiment}")
-        run.logger = start_run(
-            tracking_uri,
-            run.config.experiment,
-            f"{run.profile.model_stem}-{datetime.now():%Y%m%d-%H%M%S}",
-            asdict(run.config),
-            run.pending_path,
-        )
-        run.logger.log_metrics(
-            {
-                "trainable_parameters": count_trainable(run.model),
-                "world_size": run.dist.world_size,
-                "global_batch_size": run.config.batch_size * run.dist.world_size,
-            }
-        )
-        run.logger.log_artifact(run.manifest_path)
+    run.open_tracking(resumed)
     state = run.state
     if resumed and state.completed and (state.epoch >= run.config.epochs or run.stopped_early):
         print("That run had already finished; nothing left to train.")
@@ -411,12 +381,9 @@ def train_and_validate(run: Run, epoch: int) -> None:
 
     # Every checkpoint carries the operating points of its own weights, fitted on this epoch's validation.
     points = operating_points(val_results, config.temperature_scaling)
-    state.thresholds, state.temperature, state.operating_points_epoch = (
-        points["thresholds"],
-        points["temperature"],
-        epoch,
-    )
-    score = [val_results["auc"] if np.isfinite(val_results["auc"]) else 0.0, -val_results["loss"]]
+    state.thresholds, state.temperature = points["thresholds"], points["temperature"]
+    state.operating_points_epoch = epoch
+    score = selection_score(state.history, min(config.selection_window, config.epochs))  # short runs: all epochs
     if score > state.best_score:
         state.best_score, state.best_epoch, state.stale_epochs = score, epoch, 0
         run.save(run.best_path, include_training_state=False)
@@ -502,7 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
     if config.compare:
         return evaluation.compare_checkpoints(config.compare, config.data_dir, scoring(config), config.tracking_uri)
     if config.test_only:
-        return evaluation.test_only(Path(config.resume), config.data_dir, scoring(config), config.tracking_uri)
+        return evaluation.run_test_only(Path(config.resume), config.data_dir, scoring(config), config.tracking_uri)
     resumed = load_resumable(config.resume) if config.resume else None
     run = set_up(config)
     prepare_data(run, resuming=resumed is not None)

@@ -59,7 +59,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per-epoch", action="store_true", help="also score every epoch of the project's runs")
     parser.add_argument("--project-args", nargs=argparse.REMAINDER, default=[], help="extra trainer flags")
     parser.add_argument("--work-dir", default=str(ROOT / "benchmarks" / "data" / "generalisation"), help="scratch")
-    parser.add_argument("--out", default="", help="write the results as JSON here")
+    parser.add_argument("--out", default="", help="write the results, per-image scores included, as JSON here")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                        help="train nothing: report on the runs saved by earlier --out files (e.g. --only naive "
+                        "and --only project run apart)")  # fmt: skip
     return parser
 
 
@@ -70,11 +73,13 @@ def naive_transforms(size: int, train: bool) -> transforms.Compose:
 
 
 @torch.no_grad()
-def naive_scores(model, folder: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and TB probabilities of the naive model on an ImageFolder (class folders Normal, Tuberculosis)."""
+def naive_scores(model, folder: Path, size: int, same_order_as: list) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and TB probabilities of the naive model on an ImageFolder (class folders Normal, Tuberculosis),
+    in the order of the project's samples, so that the paired bootstrap pairs the same images."""
     model.eval()
     dataset = datasets.ImageFolder(str(folder), transform=naive_transforms(size, train=False))
     assert dataset.classes == ["Normal", "Tuberculosis"], dataset.classes
+    assert [Path(p).resolve() for p, _ in dataset.samples] == [Path(p).resolve() for p, _ in same_order_as]
     loader = torch.utils.data.DataLoader(dataset, batch_size=64)
     labels, probs = [], []
     for images, targets in loader:
@@ -86,7 +91,7 @@ def naive_scores(model, folder: Path, size: int) -> tuple[np.ndarray, np.ndarray
 def train_naive(args, seed: int) -> dict:
     seed_everything(seed)
     train_set = datasets.ImageFolder(str(Path(args.train_dir) / "train"), naive_transforms(args.image_size, True))
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=2)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
     model = models.resnet50(weights=None)
     model.fc = torch.nn.Linear(model.fc.in_features, 2)
     backbone = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
@@ -98,9 +103,17 @@ def train_naive(args, seed: int) -> dict:
             torch.nn.functional.cross_entropy(model(images), targets).backward()
             optimizer.step()
     return {
-        "internal": naive_scores(model, Path(args.train_dir) / "test", args.image_size),
-        "external": naive_scores(model, Path(args.external_dir), args.image_size),
+        "internal": naive_scores(model, Path(args.train_dir) / "test", args.image_size, internal_samples(args)),
+        "external": naive_scores(model, Path(args.external_dir), args.image_size, external_samples(args)),
     }
+
+
+def internal_samples(args) -> list:
+    return discover_dataset(args.train_dir).test
+
+
+def external_samples(args) -> list:
+    return discover_dataset(args.external_dir).train
 
 
 # --------------------------------------------------------------------------- (b) this project
@@ -122,7 +135,8 @@ def train_project(args, seed: int) -> dict:
     trainer.main(flags + args.project_args)
     best_path = work / "best_resnet50_tb_full_trained.pth"
     internal = held_out_samples(best_path)[0]
-    external = discover_dataset(args.external_dir).train
+    assert internal == internal_samples(args), "the project must be scored on the organized test/ side"
+    external = external_samples(args)
     result = project_scores(load_checkpoint(best_path), internal, external)
     last = load_checkpoint(work / "last.pth")
     result |= {"best_epoch": last["best_epoch"], "history": last["history"]}
@@ -166,7 +180,8 @@ def print_table(results: dict, args) -> None:
           f"weights; ROC AUC [95% CI, {args.resamples} stratified bootstrap resamples]")  # fmt: skip
     print(f"{'model':<18}{'seed':>5}  {'internal (own test side)':<28}{'external (other hospital)':<28}")
     for name, runs in results["runs"].items():
-        for seed, run in zip(args.seeds, runs):
+        for run in runs:
+            seed = run["seed"]
             cells = [
                 f"{run[p]['auc']:.3f} [{run[p]['ci_low']:.3f}, {run[p]['ci_high']:.3f}]"
                 for p in ("internal", "external")
@@ -179,31 +194,52 @@ def print_table(results: dict, args) -> None:
         print(f"project - naive, mean {part} AUC: {entry['difference']:+.3f} {interval}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
+def train_all(args) -> tuple[dict, float]:
+    """{model: [per-seed scores]} and the seconds it took."""
     started = time.perf_counter()
     names = ["naive", "project"] if args.only == "both" else [args.only]
     scores = {name: [] for name in names}
     for seed in args.seeds:
         for name in names:
             print(f"== {name}, seed {seed}", flush=True)
-            scores[name].append(train_naive(args, seed) if name == "naive" else train_project(args, seed))
-    results = {"date": str(date.today()), "args": vars(args), "runs": {}}
+            run = train_naive(args, seed) if name == "naive" else train_project(args, seed)
+            scores[name].append(run | {"seed": seed})
+    return scores, time.perf_counter() - started
+
+
+def load_saved(paths: list[str]) -> tuple[dict, float]:
+    """Per-image scores and training time saved by earlier runs' --out files."""
+    scores, seconds = {}, 0.0
+    for path in paths:
+        saved = json.loads(Path(path).read_text())
+        seconds += saved["seconds"]
+        for name, runs in saved["scores"].items():
+            scores[name] = [{k: tuple(np.asarray(v) for v in run[k]) if k in ("internal", "external") else run[k]
+                             for k in run} for run in runs]  # fmt: skip
+    return scores, seconds
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    scores, seconds = load_saved(args.merge) if args.merge else train_all(args)
+    names = list(scores)
+    results = {"date": str(date.today()), "args": vars(args), "runs": {}, "seconds": seconds}
     for name, runs in scores.items():
         results["runs"][name] = [
             {part: auc_with_interval(*run[part], args.resamples) for part in ("internal", "external")}
-            | {key: run[key] for key in ("best_epoch", "history", "per_epoch") if key in run}
+            | {key: run[key] for key in ("seed", "best_epoch", "history", "per_epoch") if key in run}
             for run in runs
         ]
     if len(names) == 2:
         results["difference"] = {
             part: mean_difference(scores, part, args.resamples) for part in ("internal", "external")
         }
-    results["seconds"] = time.perf_counter() - started
     print_table(results, args)
-    print(f"Total time: {results['seconds'] / 60:.1f} min")
+    print(f"Total training and scoring time: {results['seconds'] / 60:.1f} min")
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        saved = {name: [{k: [np.asarray(a).tolist() for a in v] if k in ("internal", "external") else v
+                         for k, v in run.items()} for run in runs] for name, runs in scores.items()}  # fmt: skip
+        Path(args.out).write_text(json.dumps(results | {"scores": saved}, indent=2))
     return results
 
 

@@ -31,6 +31,11 @@ AUGMENTATION = {
     "brightness": 0.2,
     "contrast": 0.2,
 }
+# --intensity-augment: what differs between hospitals' X-rays (exposure curve, sharpness, noise), drawn
+# per image after the geometric augmentation; identity is gamma 1, no blur, no noise.
+INTENSITY_AUGMENTATION = {"gamma": (0.7, 1.4), "blur_sigma": (0.0, 1.0), "noise_std": (0.0, 0.03)}
+# --clahe: OpenCV's contrast-limited adaptive histogram equalisation on the resized image.
+CLAHE = {"clip_limit": 2.0, "tile_grid": (8, 8)}
 
 
 @dataclass(frozen=True)
@@ -112,39 +117,24 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls) -> None
         parser.add_argument(_flag(f.name), **kwargs)
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def checked(cast, accept, requirement: str):
+    """An argparse value type: `cast` the text, then refuse values `accept` rejects, saying what is required."""
+
+    def parse(text: str):
+        value = cast(text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must {requirement}, got {text}")
+        return value
+
+    parse.__name__ = cast.__name__  # argparse: "invalid int value: 'x'"
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def open_fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
-
-
-def image_size(text: str) -> int:
-    value = int(text)
-    if value < 32:
-        raise argparse.ArgumentTypeError(f"must be at least 32 pixels (ResNet50 downsamples 32x), got {text}")
-    return value
+positive_int = checked(int, lambda v: v >= 1, "be a positive integer")
+non_negative_int = checked(int, lambda v: v >= 0, "be 0 or more")
+open_fraction = checked(float, lambda v: 0.0 < v < 1.0, "lie strictly between 0 and 1")
+positive_float = checked(float, lambda v: 0.0 < v < float("inf"), "be greater than 0")
+image_size = checked(int, lambda v: v >= 32, "be at least 32 pixels (ResNet50 downsamples 32x)")
 
 
 def refuse_inside(output: str | Path, data_dir: str | Path, flag: str) -> None:

@@ -14,13 +14,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision import transforms
 
 from .checkpoint import write_json
-from .config import AUGMENTATION, CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD
+from .config import AUGMENTATION, CLAHE, CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD
 from .data_quality import data_report, drop_leaks, find_leaks, scan_images
-from .decoding import is_image_file, load_xray
-from .fast_data import CachedBatches, DeviceBatches, decoded_cache, side_cache_sizes
+from .decoding import equalise, is_image_file, load_xray
+from .fast_data import (
+    CachedBatches,
+    DeviceBatches,
+    augment_intensity,
+    decoded_cache,
+    sample_intensity,
+    side_cache_sizes,
+    train_cache_size,
+)
 from .runtime import SINGLE_PROCESS, DistributedContext, ShardOrder, shard, use_channels_last
 
 EXPECTED_LAYOUT = """Expected one of these layouts (class folder names match case-insensitively):
@@ -54,7 +63,9 @@ def _child_dirs_by_lower_name(folder: Path) -> dict[str, Path]:
 
 def list_images(folder: Path) -> list[Path]:
     """Image files in a folder (DICOM too), sorted; skips hidden files (.DS_Store), Thumbs.db, spreadsheets."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    with os.scandir(folder) as entries:  # scandir knows each entry's type without a stat call per file
+        names = [entry.name for entry in entries if entry.is_file() and is_image_file(entry.path)]
+    return [Path(folder) / name for name in sorted(names)]
 
 
 def find_class_dirs(folder: Path) -> dict[int, Path] | None:
@@ -136,31 +147,61 @@ def manifest_samples(manifest: dict, side: str) -> list[tuple[str, int]]:
     return [(str(root / rel), int(label)) for rel, label in manifest[side]]
 
 
-def train_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> transforms.Compose:
-    """The original design's enhanced augmentation (saturation jitter dropped: a no-op on greyscale)."""
+class Clahe:
+    """decoding.equalise as a transform of a greyscale PIL image (--clahe), with the settings a checkpoint records."""
+
+    def __init__(self, clip_limit: float = CLAHE["clip_limit"], tile_grid=CLAHE["tile_grid"]):
+        self.clip_limit, self.tile_grid = clip_limit, tile_grid
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return Image.fromarray(equalise(np.asarray(image.convert("L")), self.clip_limit, self.tile_grid), mode="L")
+
+
+class IntensityJitter:
+    """--intensity-augment on one greyscale (C, H, W) tensor in [0, 1] with equal channels: the batched device
+    version, drawn from torch's global generator (which XrayDataset seeds per sample)."""
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        grey = augment_intensity(image[None, :1], sample_intensity(1, None, image.device), None)[0]
+        return grey.expand_as(image).contiguous()
+
+
+def train_transform(
+    size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, clahe: bool = False, intensity: bool = False
+) -> transforms.Compose:
+    """The original design's enhanced augmentation (saturation jitter dropped: a no-op on greyscale),
+    optionally with CLAHE after the crop and intensity augmentation after the colour jitter."""
     a = AUGMENTATION
-    return transforms.Compose(
-        [
-            transforms.RandomResizedCrop(size, scale=a["crop_scale"], ratio=a["crop_ratio"]),
-            transforms.RandomHorizontalFlip(a["hflip_p"]),
-            transforms.RandomRotation(degrees=a["degrees"]),
-            transforms.ColorJitter(brightness=a["brightness"], contrast=a["contrast"]),
-            transforms.Grayscale(num_output_channels=3),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
+    # CLAHE at the size the fast path equalises its cached training images, before the crop, as it does.
+    equalised = [transforms.Resize((train_cache_size(size),) * 2), Clahe()] if clahe else []
+    return transforms.Compose([
+        *equalised,
+        transforms.RandomResizedCrop(size, scale=a["crop_scale"], ratio=a["crop_ratio"]),
+        transforms.RandomHorizontalFlip(a["hflip_p"]),
+        transforms.RandomRotation(degrees=a["degrees"]),
+        transforms.ColorJitter(brightness=a["brightness"], contrast=a["contrast"]),
+        transforms.Grayscale(num_output_channels=3),
+        transforms.ToTensor(),
+        *([IntensityJitter()] if intensity else []),
+        transforms.Normalize(mean, std),
+    ])  # fmt: skip
 
 
-def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> transforms.Compose:
-    return transforms.Compose(
-        [
-            transforms.Resize((size, size)),
-            transforms.Grayscale(num_output_channels=3),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
+def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, clahe: dict | None = None) -> transforms.Compose:
+    """Resize, then CLAHE with the given settings (see config.CLAHE) when asked for, then normalise."""
+    return transforms.Compose([
+        transforms.Resize((size, size)),
+        *([Clahe(**clahe)] if clahe else []),
+        transforms.Grayscale(num_output_channels=3),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])  # fmt: skip
+
+
+def checkpoint_transform(checkpoint: dict) -> transforms.Compose:
+    """The evaluation transform a checkpoint was trained with: its size, normalisation and preprocessing."""
+    clahe = checkpoint.get("preprocessing", {}).get("clahe")
+    return eval_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"], clahe)
 
 
 class XrayDataset(torch.utils.data.Dataset):
@@ -233,9 +274,11 @@ def make_loaders(
     cache_dir: Path,
     num_workers: int,
     dist: DistributedContext = SINGLE_PROCESS,
+    clahe: bool = False,
+    intensity: bool = False,
 ):
     """Train, validation and test loaders (this rank's shards): the fast cached/device path,
-    or per-image PIL transforms."""
+    or per-image PIL transforms. CLAHE applies to every side, intensity augmentation to train."""
     train = manifest_samples(manifest, "train")
     size = image_size
     sampler = EpochSampler([label for _, label in train], seed, oversample, dist)
@@ -248,7 +291,7 @@ def make_loaders(
 
         def cached(samples, cache_size, batch_size, sampler=None, drop=False):
             cache = decoded_cache([p for p, _ in samples], cache_size, cache_dir, workers)
-            return CachedBatches(cache, [label for _, label in samples], batch_size, sampler, drop, pin)
+            return CachedBatches(cache, [label for _, label in samples], batch_size, sampler, drop, pin, clahe)
 
         channels_last = use_channels_last(device)
         train_loader = DeviceBatches(
@@ -257,6 +300,7 @@ def make_loaders(
             size,
             augment=True,
             channels_last=channels_last,
+            intensity=intensity,
         )
         val_loader, test_loader = (
             DeviceBatches(
@@ -271,7 +315,7 @@ def make_loaders(
         return train_loader, val_loader, test_loader
     loader_args = dict(num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
     train_loader = torch.utils.data.DataLoader(
-        XrayDataset(train, train_transform(size)),
+        XrayDataset(train, train_transform(size, clahe=clahe, intensity=intensity)),
         batch_size=batch_size,
         sampler=sampler,
         drop_last=drop_last,
@@ -279,7 +323,7 @@ def make_loaders(
     )
     val_loader, test_loader = (
         torch.utils.data.DataLoader(
-            XrayDataset(sides[side], eval_transform(size)),
+            XrayDataset(sides[side], eval_transform(size, clahe=CLAHE if clahe else None)),
             batch_size=eval_batch,
             sampler=ShardOrder(len(sides[side]), dist),
             **loader_args,
@@ -323,19 +367,28 @@ def prepare_manifest(
                 raise DataLayoutError(f"no readable {CLASS_NAMES[min(missing)]} images left on the {side} side")
     manifest = make_split_manifest(data, val_fraction, test_fraction, seed)
     manifest["unreadable"] = [[os.path.relpath(p, data.root), reason] for p, reason in sorted(scan.unreadable.items())]
-    # What --test-only needs to recognise training images by content, wherever the folder is later moved.
+    # What --test-only needs to recognise training images by content (exact and near copies), wherever the
+    # folder is later moved or copied.
     manifest["content_sha1"] = {os.path.relpath(p, data.root): sha1 for p, sha1 in sorted(scan.pixel_hash.items())}
+    manifest["content_phash"] = {
+        os.path.relpath(p, data.root): scan.perceptual_hash[scan.row[p]].tobytes().hex()
+        for p in sorted(scan.pixel_hash)
+    }
     leaks = find_leaks(manifest, scan)
     if leaks:
         exact = sum(leak["kind"] == "exact" for leak in leaks)
-        action = "removed from the held-out side (--dedup)" if dedup else "kept; --dedup removes them"
+        action = (
+            "all removed from the held-out side (--dedup)"
+            if dedup
+            else "exact copies removed from the held-out side; --dedup removes the near ones too"
+        )
         print(
             f"WARNING: {exact} exact and {len(leaks) - exact} near-duplicate pairs between train, val and test "
             f"({action}); list in {manifest_path.name}",
             file=sys.stderr,
         )
-        if dedup:
-            manifest = drop_leaks(manifest, leaks)
+        # An exact copy of a training image is never a test image; near copies are the user's call.
+        manifest = drop_leaks(manifest, [leak for leak in leaks if dedup or leak["kind"] == "exact"])
     manifest["leaks"] = leaks
     write_json(manifest, manifest_path)
     caches = [

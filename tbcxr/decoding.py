@@ -15,12 +15,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import PIL
 from PIL import Image, ImageOps
+
+from .config import CLAHE
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 DICOM_EXTENSIONS = {".dcm", ".dicom"}
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # more than 8 bits per pixel
 ROBUST_PERCENTILES = (0.5, 99.5)
+# Part of every cache and scan key: bump it when load_xray's pixels change (the Pillow version too can).
+DECODER_VERSION = f"2-pillow{PIL.__version__}"
 
 
 class DicomDecodeError(Exception):
@@ -70,6 +75,17 @@ def _is_acr_nema_image(path: Path) -> bool:
     return "Rows" in ds and "Columns" in ds
 
 
+def equalise(pixels: np.ndarray, clip_limit: float = CLAHE["clip_limit"], tile_grid=CLAHE["tile_grid"]) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of a uint8 greyscale image (H, W) or batch (B, H, W):
+    local contrast evened out, so radiographs exposed and processed differently look more alike."""
+    import cv2
+
+    clahe = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=tuple(tile_grid))
+    if pixels.ndim == 3:
+        return np.stack([clahe.apply(np.ascontiguousarray(image)) for image in pixels])
+    return clahe.apply(np.ascontiguousarray(pixels, dtype=np.uint8))
+
+
 def load_xray(path: str | Path) -> Image.Image:
     """Decode an X-ray as 8-bit greyscale, whatever its format, stored mode or bit depth.
 
@@ -83,7 +99,7 @@ def load_xray(path: str | Path) -> Image.Image:
         img = ImageOps.exif_transpose(img)
         if img.mode in WIDE_MODES:
             # Pillow's convert("L") would clip everything above 255 to white.
-            return Image.fromarray(_wide__to_uint8(np.asarray(img, dtype=np.float64), img.mode, tiff_bits))
+            return Image.fromarray(_wide_to_uint8(np.asarray(img, dtype=np.float64), img.mode, tiff_bits))
         return img.convert("L")
 
 
@@ -94,7 +110,7 @@ def _tiff_bits_stored(img: Image.Image) -> int | None:
     return bits if bits and 8 < bits < 16 else None
 
 
-def _wide__to_uint8(values: np.ndarray, mode: str, tiff_bits: int | None) -> np.ndarray:
+def _wide_to_uint8(values: np.ndarray, mode: str, tiff_bits: int | None) -> np.ndarray:
     if tiff_bits:
         return _to_uint8(values, 0, 2**tiff_bits - 1)
     # A value that needs the 16th bit proves 16 bits are stored; smaller maxima do not say how many

@@ -7,6 +7,7 @@ tests the AUC difference with a paired bootstrap.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,8 @@ import torch
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, read_json, write_json
 from .config import CLASS_NAMES, FULL_TRAINING, MANIFEST_NAME, SUMMARY_NAME, profile_of
-from .data import XrayDataset, discover_dataset, eval_transform, manifest_samples
-from .data_quality import scan_images
+from .data import XrayDataset, checkpoint_transform, discover_dataset, manifest_samples
+from .data_quality import near_pairs, scan_images
 from .figures import comparison_roc_figure, gradcam_row, save_evaluation_figures, training_curves_figure
 from .metrics import (
     THRESHOLD_FREE_METRICS,
@@ -59,27 +60,55 @@ class Scoring:
     seed: int
 
 
-def known_content(manifest: dict) -> dict[str, str]:
-    """sha1 of the decoded pixels -> why an image with that content may not be scored as a test image."""
-    recorded = manifest.get("content_sha1", {})
-    on_a_side = {rel for side in ("train", "val", "test") for rel, _ in manifest[side]}
-    known = {recorded[rel]: "removed from the held-out side by --dedup" for rel in recorded if rel not in on_a_side}
-    for side, reason in (("val", "in its validation images"), ("train", "in its training images")):
-        known |= {recorded[rel]: reason for rel, _ in manifest[side] if rel in recorded}
-    return known
+NEAR_DUPLICATE_BITS = 10  # the training-time leak check's threshold (data_quality.find_leaks)
+TRAINED_ON = ("training", "validation")  # sides whose images a checkpoint has seen
+
+
+def recorded_sides(manifest: dict) -> dict[str, str]:
+    """Relative path -> the side its image belongs to: training, validation, test, or removed
+    (an image the split left out as a duplicate of a training image)."""
+    sides = {rel: "removed" for rel in manifest.get("content_sha1", {})}
+    for side, name in (("test", "test"), ("val", "validation"), ("train", "training")):
+        sides |= {rel: name for rel, _ in manifest[side]}
+    return sides
 
 
 def leave_out_known(samples, manifest: dict, workers: int) -> tuple[list, dict[str, int]]:
-    """The samples whose decoded pixels the checkpoint never trained or validated on, and the count
-    left out per reason (unreadable files too)."""
+    """The samples that are neither exact nor near (perceptual hash within NEAR_DUPLICATE_BITS) copies of the
+    checkpoint's training, validation or split-removed images, and the count left out per reason."""
     scan = scan_images([path for path, _ in samples], workers=workers)
-    known = known_content(manifest)
+    sides = recorded_sides(manifest)
+    known = [rel for rel, side in sides.items() if side != "test"]
+    exact = {manifest["content_sha1"][rel]: sides[rel] for rel in known}
+    reasons = {path: "unreadable" for path in scan.unreadable}
+    reasons |= {path: f"copies of its {exact[sha1]} images" for path, sha1 in scan.pixel_hash.items() if sha1 in exact}
+    # The manifest's own test images stay, near copies and all: that was the split's (--dedup) decision.
+    own_test = {manifest["content_sha1"][rel] for rel, side in sides.items() if side == "test"}
+    readable = [path for path, _ in samples if path not in reasons and scan.pixel_hash[path] not in own_test]
+    if readable and known and "content_phash" in manifest:
+        known_words = np.ascontiguousarray(
+            np.frombuffer(bytes.fromhex("".join(manifest["content_phash"][rel] for rel in known)), dtype=np.uint8)
+            .reshape(-1, 32).view(np.uint64).T
+        )  # fmt: skip
+        rows, columns, _ = near_pairs(scan.hash_words(readable), known_words, NEAR_DUPLICATE_BITS)
+        reasons |= {readable[i]: f"near copies of its {sides[known[j]]} images" for i, j in zip(rows, columns)}
+    left_out: dict[str, int] = {}
+    for path, _ in samples:
+        if path in reasons:
+            left_out[reasons[path]] = left_out.get(reasons[path], 0) + 1
+    return [(path, label) for path, label in samples if path not in reasons], left_out
+
+
+def leave_out_by_path(samples, root: Path, manifest: dict) -> tuple[list, dict[str, int]]:
+    """For manifests written before image content was recorded: recognise the checkpoint's images by their
+    path relative to the data folder (right for a moved copy of that folder, blind to copies elsewhere)."""
+    sides = {rel: name for side, name in (("val", "validation"), ("train", "training")) for rel, _ in manifest[side]}
     left_out: dict[str, int] = {}
     kept = []
     for path, label in samples:
-        reason = "unreadable" if path in scan.unreadable else known.get(scan.pixel_hash[path], "")
-        if reason:
-            left_out[reason] = left_out.get(reason, 0) + 1
+        side = sides.get(Path(os.path.relpath(path, root)).as_posix())
+        if side:
+            left_out[f"in its {side} images (by path)"] = left_out.get(f"in its {side} images (by path)", 0) + 1
         else:
             kept.append((path, label))
     return kept, left_out
@@ -90,8 +119,8 @@ def held_out_samples(checkpoint_path: Path, data_dir: str = "", workers: int = 2
 
     Without DIR: the test side of the split manifest beside the checkpoint. With DIR: its test/
     side (organized layout) or all of it (raw layout: the folder the checkpoint was trained on, or
-    another hospital's), minus every image whose decoded pixels the manifest records as training,
-    validation or --dedup-removed content. Content, not paths: a moved or copied folder is still
+    another hospital's), minus every exact or near copy of an image the manifest records as training,
+    validation or split-removed content. Content, not paths: a moved or copied folder is still
     recognised. The console says how many images were left out and why."""
     manifest_path = Path(checkpoint_path).parent / MANIFEST_NAME
     manifest = read_json(manifest_path) if manifest_path.is_file() else None
@@ -104,20 +133,22 @@ def held_out_samples(checkpoint_path: Path, data_dir: str = "", workers: int = 2
         return manifest_samples(manifest, "test"), f"test side of {manifest_path}"
     data = discover_dataset(data_dir)
     candidates, source = (data.test, f"test/ side of {data.root}") if data.test else (data.train, f"all of {data.root}")
-    if manifest is None or "content_sha1" not in manifest:
-        print(
-            f"WARNING: {checkpoint_path} has no split manifest recording image content beside it; "
-            f"cannot check {source} against its training images",
-            file=sys.stderr,
-        )
-        return candidates, source
-    samples, left_out = leave_out_known(candidates, manifest, workers)
+    if manifest is None:
+        print(f"WARNING: no {MANIFEST_NAME} beside {checkpoint_path}: {source} cannot be checked against the "
+              "checkpoint's training images; all of it is scored", file=sys.stderr)  # fmt: skip
+        return candidates, source + " (not checked against training images: no split manifest)"
+    if "content_sha1" in manifest:
+        samples, left_out = leave_out_known(candidates, manifest, workers)
+    else:
+        print(f"WARNING: {manifest_path} predates image content records: training images are recognised by "
+              "their path in the data folder only", file=sys.stderr)  # fmt: skip
+        samples, left_out = leave_out_by_path(candidates, data.root, manifest)
     if left_out:
         reasons = ", ".join(f"{count} {reason}" for reason, count in left_out.items())
         print(f"Left out {sum(left_out.values())} of {len(candidates)} images of {source}: {reasons}")
         source += f" less {sum(left_out.values())} images the checkpoint trained on, validated on or could not read"
     elif data.test is None:
-        source += " (external test set: none of its images in the checkpoint's training or validation data)"
+        source += " (external test set: no exact or near copy of the checkpoint's training or validation images)"
     if not samples:
         raise SystemExit(
             f"error: every image of {source} is one the checkpoint trained or validated on, or "
@@ -135,8 +166,8 @@ def refuse_trained_on(samples, checkpoint_path: Path, workers: int) -> None:
             f"error: {checkpoint_path} has no split manifest recording image content beside it, so "
             "its training images cannot be told apart from the evaluated ones; refusing to compare"
         )
-    kept, left_out = leave_out_known(samples, manifest, workers)
-    overlap = {reason: count for reason, count in left_out.items() if reason != "unreadable"}
+    _, left_out = leave_out_known(samples, manifest, workers)
+    overlap = {reason: n for reason, n in left_out.items() if any(side in reason for side in TRAINED_ON)}
     if overlap:
         reasons = ", ".join(f"{count} {reason}" for reason, count in overlap.items())
         raise SystemExit(
@@ -149,7 +180,7 @@ def refuse_trained_on(samples, checkpoint_path: Path, workers: int) -> None:
 def predict_checkpoint(checkpoint: dict, samples, device, batch_size: int, num_workers: int):
     """Labels and (temperature-scaled) TB probabilities of a checkpoint on labelled samples."""
     model = model_from_checkpoint(checkpoint).to(device)
-    transform = eval_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
+    transform = checkpoint_transform(checkpoint)
     loader = torch.utils.data.DataLoader(
         XrayDataset(samples, transform), batch_size=batch_size, num_workers=num_workers
     )
@@ -239,7 +270,7 @@ def score_checkpoint(checkpoint: dict, samples, scoring: Scoring):
     return labels, probs, evaluation_report(labels, probs, thresholds, scoring.resamples, scoring.seed)
 
 
-def test_only(checkpoint_path: Path, data_dir: str, scoring: Scoring, tracking_uri: str) -> dict:
+def run_test_only(checkpoint_path: Path, data_dir: str, scoring: Scoring, tracking_uri: str) -> dict:
     """--test-only: evaluate one checkpoint on one labelled folder, with intervals and figures."""
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
@@ -377,7 +408,7 @@ def compare_checkpoints(paths: list[Path], data_dir: str, scoring: Scoring, trac
             labels, {name: r["probs"] for name, r in zip(names, results)}, p_value, report_dir / "comparison_roc.png"
         )
     ]
-    cams = gradcam_row(labels_of, report_dir / "comparison_gradcam.png")
+    cams = gradcam_row(labels_of, paths, report_dir / "comparison_gradcam.png")
     figures += [cams] if cams else []
 
     facts = [training_facts(p, c) for p, c in zip(paths, checkpoints)]
@@ -389,7 +420,8 @@ def compare_checkpoints(paths: list[Path], data_dir: str, scoring: Scoring, trac
         f"[{auc_test['ci_low']:+.4f}, {auc_test['ci_high']:+.4f}], paired bootstrap {p_value}",
     ]
     lines = [
-        f"# Transfer learning vs full training: {names[0]} vs {names[1]}",
+        f"# {'Transfer learning vs full training' if labels_of[0] != labels_of[1] else 'Comparison'}: "
+        f"{names[0]} vs {names[1]}",
         "",
         f"Evaluated on the same {len(labels)} images ({source}); "
         f"{scoring.resamples} stratified bootstrap resamples, seed {scoring.seed}.",

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torchvision import transforms
 
-from .config import AUGMENTATION, IMAGENET_MEAN, IMAGENET_STD
-from .decoding import load_xray
+from .config import AUGMENTATION, IMAGENET_MEAN, IMAGENET_STD, INTENSITY_AUGMENTATION
+from .decoding import DECODER_VERSION, equalise, load_xray
 from .progress import track
 
 
@@ -46,12 +46,13 @@ def decode_resized(path: str, size: int) -> np.ndarray:
 
 
 def fingerprint(paths: list[str], *key) -> str:
-    """A name for what was computed from these files: the key, then every file's path, size and
-    modification time, so a changed data set gets a fresh cache and a stale one is never read."""
-    digest = hashlib.sha1("|".join(map(str, key)).encode())
+    """A name for what was computed from these files: the key and the decoder's version, then every file's
+    path, size, modification and change times, so a changed data set or decoder gets a fresh cache and a
+    stale one is never read."""
+    digest = hashlib.sha1("|".join(map(str, (*key, DECODER_VERSION))).encode())
     for path in paths:
         stat = os.stat(path)
-        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -157,8 +158,9 @@ class CachedBatches:
         sampler=None,
         drop_last: bool = False,
         pin_memory: bool = False,
+        clahe: bool = False,
     ):
-        self.cache, self.labels = cache, torch.as_tensor(labels)
+        self.cache, self.labels, self.clahe = cache, torch.as_tensor(labels), clahe
         self.batch_size, self.sampler, self.drop_last, self.pin_memory = batch_size, sampler, drop_last, pin_memory
 
     def _order(self) -> list[tuple[int, int]]:
@@ -175,7 +177,8 @@ class CachedBatches:
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             chunk = order[start : start + self.batch_size]
             index = np.asarray([i for i, _ in chunk])
-            images = torch.from_numpy(self.cache[index])  # fancy indexing copies out of the memmap
+            pixels = self.cache[index]  # fancy indexing copies out of the memmap
+            images = torch.from_numpy(equalise(pixels) if self.clahe else pixels)
             if self.pin_memory:
                 images = images.pin_memory()
             yield images, self.labels[index], chunk[0][1]
@@ -204,18 +207,37 @@ def sample_augmentation(batch: int, generator: torch.Generator, device) -> dict[
     }
 
 
-def identity_augmentation(batch: int, device) -> dict[str, torch.Tensor]:
-    ones, zeros = torch.ones(batch, device=device), torch.zeros(batch, device=device)
-    return {
-        "width": ones,
-        "height": ones,
-        "centre_x": zeros,
-        "centre_y": zeros,
-        "flip": ones,
-        "angle": zeros,
-        "brightness": ones,
-        "contrast": ones,
-    }
+def sample_intensity(batch: int, generator: torch.Generator | None, device) -> dict[str, torch.Tensor]:
+    """Per-image gamma, blur and noise drawn from INTENSITY_AUGMENTATION's ranges (log-uniform gamma)."""
+    a = INTENSITY_AUGMENTATION
+
+    def uniform(low, high):
+        return low + (high - low) * torch.rand(batch, generator=generator, device=device)
+
+    gamma = torch.exp(uniform(np.log(a["gamma"][0]), np.log(a["gamma"][1])))
+    return {"gamma": gamma, "blur_sigma": uniform(*a["blur_sigma"]), "noise_std": uniform(*a["noise_std"])}
+
+
+def augment_intensity(
+    images: torch.Tensor, params: dict[str, torch.Tensor], generator: torch.Generator | None
+) -> torch.Tensor:
+    """Gamma, then a Gaussian blur (5-tap, per-image sigma), then Gaussian noise on a (B, 1, H, W) batch in [0, 1]."""
+    batch = len(images)
+    out = images.clamp(min=1e-6) ** params["gamma"].view(-1, 1, 1, 1)
+    taps = torch.arange(-2, 3, device=images.device, dtype=images.dtype)
+    sigma = params["blur_sigma"].clamp(min=1e-3).view(-1, 1)  # ~0 gives the identity kernel
+    kernel = torch.exp(-(taps**2) / (2 * sigma**2))
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(images.dtype)
+    rows = nn.functional.conv2d(
+        nn.functional.pad(out.transpose(0, 1), (2, 2, 0, 0), mode="replicate"),
+        kernel.view(batch, 1, 1, 5),
+        groups=batch,
+    )
+    out = nn.functional.conv2d(
+        nn.functional.pad(rows, (0, 0, 2, 2), mode="replicate"), kernel.view(batch, 1, 5, 1), groups=batch
+    ).transpose(0, 1)
+    noise = torch.randn(out.shape, generator=generator, device=images.device, dtype=images.dtype)
+    return (out + noise * params["noise_std"].view(-1, 1, 1, 1)).clamp(0, 1)
 
 
 def augment_batch(images: torch.Tensor, params: dict[str, torch.Tensor], size: int) -> torch.Tensor:
@@ -261,10 +283,16 @@ class DeviceBatches:
     only normalises it (eval), and yields (images, labels) like a DataLoader."""
 
     def __init__(
-        self, batches: CachedBatches, device: torch.device, size: int, augment: bool, channels_last: bool = False
+        self,
+        batches: CachedBatches,
+        device: torch.device,
+        size: int,
+        augment: bool,
+        channels_last: bool = False,
+        intensity: bool = False,
     ):
         self.batches, self.device, self.size, self.augment = batches, device, size, augment
-        self.channels_last = channels_last
+        self.channels_last, self.intensity = channels_last, intensity
         self.sampler, self.batch_size = batches.sampler, batches.batch_size
 
     def __len__(self) -> int:
@@ -276,6 +304,9 @@ class DeviceBatches:
             if self.augment:
                 generator = torch.Generator(device=self.device).manual_seed(seed)
                 images = augment_batch(images, sample_augmentation(len(images), generator, self.device), self.size)
+                if self.intensity:
+                    params = sample_intensity(len(images), generator, self.device)
+                    images = augment_intensity(images, params, generator)
             images = normalise_grey(images)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)

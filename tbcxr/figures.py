@@ -5,6 +5,7 @@ matplotlib runs on the file-only Agg backend, so no display is needed.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -116,14 +117,19 @@ def training_curves_figure(histories: dict[str, list[tuple[int, float]]], path: 
     return path
 
 
-def gradcam_row(labels: list[str], out: Path) -> Path | None:
-    """Both models' GradCAM summary grids side by side, when both exist."""
-    grids = [
+def gradcam_row(labels: list[str], checkpoints: list[Path], out: Path) -> Path | None:
+    """Both models' GradCAM summary grids side by side, when both exist and their index says they were
+    rendered from these very checkpoints (a grid of another run would mislead)."""
+    folders = [
         Path(TRANSFER_LEARNING.gradcam_dir if label == TRANSFER_LEARNING.gradcam_label else FULL_TRAINING.gradcam_dir)
-        / f"gradcam_summary_{label}.png"
         for label in labels
     ]
-    if not all(grid.is_file() for grid in grids):
+    grids = [folder / f"gradcam_summary_{label}.png" for folder, label in zip(folders, labels)]
+    indexes = [folder / f"gradcam_index_{label}.json" for folder, label in zip(folders, labels)]
+    if not all(grid.is_file() and index.is_file() for grid, index in zip(grids, indexes)):
+        return None
+    rendered_from = [Path(json.loads(index.read_text())["checkpoint"]).resolve() for index in indexes]
+    if rendered_from != [Path(c).resolve() for c in checkpoints]:
         return None
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(16, 5))

@@ -173,5 +173,19 @@ def scalar_metrics(results: dict, prefix: str) -> dict[str, float]:
 
 
 def format_p_value(p_value: float, resamples: int) -> str:
-    """A bootstrap p-value as text: zero resamples on the far side means p < 1/resamples, not p = 0."""
-    return f"p < {1 / resamples:.3g}" if p_value == 0 else f"p = {p_value:.3f}"
+    """A two-sided bootstrap p-value as text. None of the resamples on the far side means p < 2 / resamples
+    (the test's resolution), not p = 0; three decimals cannot show values below 0.001."""
+    if p_value == 0:
+        return f"p < {2 / resamples:.2g}"
+    return "p < 0.001" if p_value < 0.001 else f"p = {p_value:.3f}"
+
+
+def selection_score(history: list[dict], window: int) -> list[float]:
+    """[validation AUC, -validation loss] of the last epoch, each averaged over the last `window` epochs:
+    on a validation set of a few dozen images one epoch's AUC is noisy, a running mean less so. Until a
+    window is full the score is -inf, so that an early epoch cannot win on one noisy value."""
+    if len(history) < window:
+        return [-float("inf"), -float("inf")]
+    recent = history[-window:]
+    auc = np.mean([h["val_auc"] if np.isfinite(h.get("val_auc", np.nan)) else 0.0 for h in recent])
+    return [float(auc), -float(np.mean([h["val_loss"] for h in recent]))]

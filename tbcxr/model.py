@@ -108,7 +108,7 @@ def build_scheduler(optimizer, schedule: str, epochs: int, warmup_epochs: int, p
     epochs without improvement). cosine: linear warm-up from a tenth of the rate, then cosine decay to 0."""
     from torch.optim import lr_scheduler
 
-    if schedule == "plateau":
+    if schedule == "plateau":  # no warm-up: the original design's schedule
         return lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=plateau_patience)
     cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs - warmup_epochs))
     if not warmup_epochs:

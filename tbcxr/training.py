@@ -7,6 +7,7 @@ data, model, optimizer and MLflow logger of one run with the paths it writes and
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from .checkpoint import checkpoint_dict, load_checkpoint, save_checkpoint
 from .config import (
+    CLAHE,
     CLASS_NAMES,
     LAST_CHECKPOINT_NAME,
     MANIFEST_NAME,
@@ -23,9 +25,9 @@ from .config import (
     Profile,
     best_checkpoint_path,
 )
-from .model import count_trainable, group_lrs
+from .model import count_trainable
 from .runtime import DistributedContext
-from .tracking import RunLogger, SilentLogger
+from .tracking import RunLogger, SilentLogger, continue_run, resolve_tracking_uri, start_run
 
 
 def loss_function(balance: str, train_labels: list[int], device: torch.device) -> nn.Module:
@@ -130,6 +132,8 @@ class Run:
             self.config.image_size,
             mlflow_run_id=self.logger.run_id,
             tracking_uri=self.logger.tracking_uri,
+            # what evaluation and GradCAM must redo to see the images as training did
+            preprocessing={"clahe": dict(CLAHE)} if self.config.clahe else {},
             **asdict(self.state),
         )
         if include_training_state:
@@ -139,6 +143,20 @@ class Run:
                 "scaler": self.scaler.state_dict(),
             }
         save_checkpoint(checkpoint, path)
+
+    def open_tracking(self, resumed: dict | None) -> None:
+        """Continue a resumed checkpoint's MLflow run, or start one with the config, sizes and split manifest."""
+        if resumed:
+            self.logger = continue_run(resumed, self.pending_path)
+            return
+        tracking_uri, source = resolve_tracking_uri(self.config.tracking_uri, self.profile.port)
+        print(f"MLflow: {tracking_uri} ({source}), experiment {self.config.experiment}")
+        run_name = f"{self.profile.model_stem}-{datetime.now():%Y%m%d-%H%M%S}"
+        self.logger = start_run(tracking_uri, self.config.experiment, run_name, asdict(self.config), self.pending_path)
+        world = self.dist.world_size
+        self.logger.log_metrics({"trainable_parameters": count_trainable(self.model), "world_size": world,
+                                 "global_batch_size": self.config.batch_size * world})  # fmt: skip
+        self.logger.log_artifact(self.manifest_path)
 
     def restore(self, resumed: dict) -> None:
         """Weights, optimizer, scheduler, scaler and state of a checkpoint that keeps its training state."""
@@ -169,7 +187,8 @@ class Run:
         else:
             print("ALL LAYERS TRAINABLE - Full network training enabled")
         print(f"Model has {count_trainable(run.model):,} trainable parameters")
-        lrs = group_lrs(run.optimizer)
+        # The rates as set: a warm-up schedule has already lowered the current ones.
+        lrs = {group["name"]: group.get("initial_lr", group["lr"]) for group in run.optimizer.param_groups}
         if "backbone" in lrs:
             print(f"Using different learning rates: Backbone {lrs['backbone']:.2e}, Classifier {lrs['classifier']:.2e}")
         else:
@@ -177,9 +196,9 @@ class Run:
         if config.recipe == "from-scratch":
             options = (("CLAHE", config.clahe), ("intensity augmentation", config.intensity_augment))
             extras = [name for name, on in options if on]
-            print(f"From-scratch recipe for random initial weights ({config.schedule} schedule, "
-                  f"{config.warmup_epochs} warm-up epochs{''.join(', ' + e for e in extras)}); "
-                  "pass --lr to set the rates yourself")  # fmt: skip
+            warmup = f", {config.warmup_epochs}-epoch warm-up" if config.schedule == "cosine" else ""
+            print(f"From-scratch recipe for random initial weights ({config.schedule} schedule{warmup}"
+                  f"{''.join(', ' + e for e in extras)}); --recipe original: the original design's")  # fmt: skip
         print(
             f"Data: {manifest['layout']} layout in {manifest['data_dir']}; "
             + ", ".join(f"{side} {len(manifest[side])}" for side in ("train", "val", "test"))

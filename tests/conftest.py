@@ -23,6 +23,8 @@ from tbcxr.demo import synthetic_xray  # noqa: E402
 from tbcxr.tracking import server_answers  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# Tiny, fast CPU runs: 32 px, small batches, no worker processes, random weights.
+TINY = "--image-size 32 --batch-size 8 --num-workers 0 --weights none --recipe original".split()
 
 
 def shared_data(name: str) -> Path:
@@ -125,28 +127,9 @@ def trained_run(tmp_path_factory):
     data = make_organized(root / "data", train=16, test=6, size=40)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     resnet50_tb_full.main(
-        [
-            "--data-dir",
-            str(data),
-            "--checkpoint-dir",
-            str(root / "ckpt"),
-            "--tracking-uri",
-            uri,
-            "--epochs",
-            "2",
-            "--image-size",
-            "32",
-            "--batch-size",
-            "8",
-            "--num-workers",
-            "0",
-            "--weights",
-            "none",
-            "--temperature-scaling",
-            "--val-fraction",
-            "0.3",
-        ]
-    )
+        ["--data-dir", str(data), "--checkpoint-dir", str(root / "ckpt"), "--tracking-uri", uri, *TINY,
+         *"--epochs 2 --temperature-scaling --val-fraction 0.3".split()]
+    )  # fmt: skip
     return {"root": root, "data": data, "uri": uri, "best": root / "ckpt" / "best_resnet50_tb_full_trained.pth"}
 
 

@@ -27,6 +27,8 @@ TINY = [
     "0",
     "--weights",
     "none",
+    "--recipe",
+    "original",
     "--seed",
     "7",
     "--deterministic",

@@ -14,14 +14,22 @@ from torchvision import transforms
 import resnet50_tb_full as trainer
 from tbcxr.data import EpochSampler, eval_transform, train_transform
 from tbcxr.decoding import load_xray
-from tbcxr.fast_data import (
-    CachedBatches,
-    DeviceBatches,
-    augment_batch,
-    decoded_cache,
-    identity_augmentation,
-    sample_augmentation,
-)
+from tbcxr.fast_data import CachedBatches, DeviceBatches, augment_batch, decoded_cache, sample_augmentation
+
+
+def identity_augmentation(batch: int, device) -> dict[str, torch.Tensor]:
+    """Parameters under which augment_batch leaves an image as it is."""
+    ones, zeros = torch.ones(batch, device=device), torch.zeros(batch, device=device)
+    return {
+        "width": ones,
+        "height": ones,
+        "centre_x": zeros,
+        "centre_y": zeros,
+        "flip": ones,
+        "angle": zeros,
+        "brightness": ones,
+        "contrast": ones,
+    }
 
 
 def cpu_transform_ranges(size: int) -> dict:
@@ -131,6 +139,8 @@ def test_per_image_path_still_trains_end_to_end(tmp_path, organized_data):
             "0",
             "--weights",
             "none",
+            "--recipe",
+            "original",
         ]
     )
     assert not (tmp_path / "ckpt" / "cache").exists()  # no decoded cache on this path

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_organized, write_xrays
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import resnet50_tb_full as trainer
@@ -20,7 +21,7 @@ from tbcxr.data import manifest_samples
 from tbcxr.evaluation import held_out_samples, predict_checkpoint
 from tbcxr.metrics import classification_metrics, format_p_value, select_thresholds
 
-TINY = ["--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--weights", "none"]
+TINY = ["--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--weights", "none", "--recipe", "original"]
 
 
 def train(data, ckpt_dir: Path, uri: str, *extra) -> dict:
@@ -57,7 +58,8 @@ def test_who_triage_point_is_the_highest_threshold_with_sensitivity_090():
 
 
 def test_bootstrap_p_values_of_zero_print_as_an_upper_bound():
-    assert format_p_value(0.0, 1000) == "p < 0.001"
+    assert format_p_value(0.0, 1000) == "p < 0.002"  # two-sided: the resolution is 2 / resamples
+    assert format_p_value(0.0002, 10000) == "p < 0.001"
     assert format_p_value(0.0123, 1000) == "p = 0.012"
 
 
@@ -132,6 +134,38 @@ def test_a_moved_copy_of_the_training_folder_scores_exactly_the_manifest_test_im
     left_out = len(manifest["train"]) + len(manifest["val"])
     assert f"Left out {left_out} of 30 images" in capsys.readouterr().out
     assert "less" in source
+
+
+def test_exact_and_near_copies_of_training_images_in_another_folder_are_left_out(raw_run, tmp_path, capsys):
+    manifest = read_json(raw_run["best"].parent / MANIFEST_NAME)
+    train_rel = manifest["train"][0][0]
+    external = tmp_path / "hospital_b"
+    write_xrays(external / "Normal", 4, False, size=40, seed=50)
+    write_xrays(external / "Tuberculosis", 4, True, size=40, seed=50)
+    shutil.copy(raw_run["data"] / train_rel, external / "Normal" / "exact.png")
+    Image.open(raw_run["data"] / train_rel).save(external / "Normal" / "resaved.jpg", quality=90)
+
+    samples, source = held_out_samples(raw_run["best"], str(external))
+
+    assert sorted(Path(p).name for p, _ in samples if "img_" not in Path(p).name) == []
+    assert len(samples) == 8
+    out = capsys.readouterr().out
+    assert "1 copies of its training images" in out and "1 near copies of its training images" in out
+
+
+def test_a_manifest_without_content_records_falls_back_to_paths(raw_run, tmp_path, capsys):
+    old = tmp_path / "old_ckpt"
+    old.mkdir()
+    shutil.copy(raw_run["best"], old / raw_run["best"].name)
+    manifest = read_json(raw_run["best"].parent / MANIFEST_NAME)
+    legacy = {k: v for k, v in manifest.items() if not k.startswith("content_")}
+    (old / MANIFEST_NAME).write_text(json.dumps(legacy))
+    moved = shutil.copytree(raw_run["data"], tmp_path / "moved")
+
+    samples, _ = held_out_samples(old / raw_run["best"].name, str(moved))
+
+    assert sorted(Path(p).relative_to(moved).as_posix() for p, _ in samples) == sorted(r for r, _ in manifest["test"])
+    assert "predates image content records" in capsys.readouterr().err
 
 
 def test_a_folder_of_training_images_only_is_refused(raw_run, tmp_path):

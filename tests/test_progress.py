@@ -47,7 +47,7 @@ def test_ranks_other_than_the_first_print_no_progress(capsys, monkeypatch):
 def test_training_log_in_a_file_has_whole_lines(tmp_path):
     data = make_organized(tmp_path / "data", train=8, test=3, size=32)
     log = tmp_path / "train.log"
-    args = ["--data-dir", str(data), "--weights", "none", "--epochs", "2", "--image-size", "32"]
+    args = ["--data-dir", str(data), "--weights", "none", "--recipe", "original", "--epochs", "2", "--image-size", "32"]
     args += ["--batch-size", "8", "--num-workers", "0", "--checkpoint-dir", str(tmp_path / "ckpt")]
     args += ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     with open(log, "w") as out:

@@ -29,7 +29,7 @@ from tbcxr.decoding import load_xray
 from tbcxr.demo import synthetic_xray
 from tbcxr.model import build_model
 
-TINY = ["--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--weights", "none", "--seed", "3"]
+TINY = [*"--image-size 32 --batch-size 8 --num-workers 0 --weights none --recipe original --seed 3".split()]
 
 
 def cli(*args) -> list[str]:

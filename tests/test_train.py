@@ -16,7 +16,7 @@ import resnet50_tb_full as trainer
 from tbcxr.checkpoint import model_from_checkpoint
 from tbcxr.demo import make_demo_dataset
 
-TINY = ["--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--weights", "none"]
+TINY = ["--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--weights", "none", "--recipe", "original"]
 
 
 def train(tmp_path, data_dir, tracking_uri, *extra):

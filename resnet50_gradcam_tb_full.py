@@ -327,7 +327,7 @@ def render_grid(explanations: list[Explanation], method: str, run_label: str, pa
         rows.append(cases[:per_class])
     columns = max(len(row) for row in rows)
     plt = pyplot()
-    fig, axes = plt.subplots(len(rows), columns, figsize=(3 * columns, 3.3 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(max(3 * columns, 9), 3.3 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         for c in range(columns):
             ax = axes[r][c]

@@ -40,7 +40,7 @@ from tbcxr.checkpoint import load_checkpoint  # noqa: E402
 from tbcxr.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from tbcxr.data import discover_dataset  # noqa: E402
 from tbcxr.evaluation import held_out_samples, predict_checkpoint  # noqa: E402
-from tbcxr.metrics import bootstrap_indices  # noqa: E402
+from tbcxr.metrics import bootstrap_indices, selection_score  # noqa: E402
 from tbcxr.runtime import seed_everything  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -57,6 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
     parser.add_argument("--only", choices=["both", "naive", "project"], default="both", help="which models to train")
     parser.add_argument("--per-epoch", action="store_true", help="also score every epoch of the project's runs")
+    parser.add_argument("--reuse", action="store_true", help="score a finished project run in --work-dir again")
     parser.add_argument("--project-args", nargs=argparse.REMAINDER, default=[], help="extra trainer flags")
     parser.add_argument("--work-dir", default=str(ROOT / "benchmarks" / "data" / "generalisation"), help="scratch")
     parser.add_argument("--out", default="", help="write the results, per-image scores included, as JSON here")
@@ -125,14 +126,17 @@ def project_scores(checkpoint: dict, internal, external) -> dict:
 
 def train_project(args, seed: int) -> dict:
     work = Path(args.work_dir) / f"project_seed{seed}"
-    shutil.rmtree(work, ignore_errors=True)
+    finished = (work / "last.pth").is_file() and load_checkpoint(work / "last.pth")["completed"]
+    if not (args.reuse and finished):
+        shutil.rmtree(work, ignore_errors=True)
     flags = ["--data-dir", args.train_dir, "--weights", "none", "--image-size", str(args.image_size),
              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(seed),
              "--checkpoint-dir", str(work), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}",
              "--num-workers", "2", "--early-stop-patience", str(args.epochs)]  # fmt: skip
     if args.per_epoch:
         flags += ["--save-every", "1"]
-    trainer.main(flags + args.project_args)
+    if not (args.reuse and finished):
+        trainer.main(flags + args.project_args)
     best_path = work / "best_resnet50_tb_full_trained.pth"
     internal = held_out_samples(best_path)[0]
     assert internal == internal_samples(args), "the project must be scored on the organized test/ side"
@@ -175,6 +179,18 @@ def mean_difference(runs: dict, part: str, resamples: int) -> dict:
     return {"difference": float(difference(np.arange(len(labels)))), "ci_low": float(low), "ci_high": float(high)}
 
 
+def selection_rules(run: dict) -> dict[str, dict]:
+    """Which epoch each checkpoint-selection rule picks from the validation history alone, and the internal
+    and external AUC of that epoch's weights (needs --per-epoch; the external set chooses nothing here)."""
+    history = run["history"]
+    epochs = len(history)
+    picks = {"last epoch": epochs, "lowest validation loss": 1 + int(np.argmin([h["val_loss"] for h in history]))}
+    for window in (1, 3):
+        scores = [selection_score(history[:e], min(window, epochs)) for e in range(1, epochs + 1)]
+        picks[f"best validation AUC, window {window}"] = 1 + max(range(epochs), key=lambda i: (scores[i], -i))
+    return {rule: {"epoch": e, **run["per_epoch"][e - 1]} for rule, e in picks.items()}
+
+
 def print_table(results: dict, args) -> None:
     print(f"\nTrained on {args.train_dir} (train side), {args.epochs} epochs at {args.image_size} px, random initial "
           f"weights; ROC AUC [95% CI, {args.resamples} stratified bootstrap resamples]")  # fmt: skip
@@ -189,6 +205,15 @@ def print_table(results: dict, args) -> None:
             print(f"{name:<18}{seed:>5}  {cells[0]:<28}{cells[1]:<28}")
         means = [np.mean([run[p]["auc"] for run in runs]) for p in ("internal", "external")]
         print(f"{name:<18}{'mean':>5}  {means[0]:<28.3f}{means[1]:<28.3f}")
+    for name, runs in results["runs"].items():
+        for run in runs:
+            if "per_epoch" in run:
+                print(
+                    f"{name}, seed {run['seed']}: the epoch each selection rule picks (external AUC for analysis only)"
+                )
+                for rule, pick in selection_rules(run).items():
+                    print(f"  {rule:<34} epoch {pick['epoch']:>2}: internal {pick['internal']:.3f}, "
+                          f"external {pick['external']:.3f}")  # fmt: skip
     for part, entry in results.get("difference", {}).items():
         interval = f"[{entry['ci_low']:+.3f}, {entry['ci_high']:+.3f}]"
         print(f"project - naive, mean {part} AUC: {entry['difference']:+.3f} {interval}")
@@ -214,8 +239,9 @@ def load_saved(paths: list[str]) -> tuple[dict, float]:
         saved = json.loads(Path(path).read_text())
         seconds += saved["seconds"]
         for name, runs in saved["scores"].items():
-            scores[name] = [{k: tuple(np.asarray(v) for v in run[k]) if k in ("internal", "external") else run[k]
-                             for k in run} for run in runs]  # fmt: skip
+            for run in runs:
+                parts = {part: tuple(np.asarray(values) for values in run[part]) for part in ("internal", "external")}
+                scores.setdefault(name, []).append(run | parts)
     return scores, seconds
 
 

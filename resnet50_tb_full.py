@@ -46,6 +46,7 @@ from tbcxr.data import make_loaders, prepare_manifest
 from tbcxr.demo import DEMO_DATA_DIR, make_demo_dataset
 from tbcxr.figures import save_test_figures
 from tbcxr.metrics import (
+    SELECTION_WINDOWS,
     classification_metrics,
     format_results,
     operating_points,
@@ -92,8 +93,8 @@ class TrainConfig:
     schedule: str = flag("plateau", "plateau: ReduceLROnPlateau on validation loss, with early stopping; cosine: "
                          "--warmup-epochs of linear warm-up, then cosine decay over --epochs",
                          choices=["plateau", "cosine"])  # fmt: skip
-    selection_window: int = flag(1, "pick the best epoch by validation AUC averaged over this many epochs up to it",
-                                 type=positive_int)  # fmt: skip
+    selection: str = flag("auc", "which epoch becomes the best checkpoint: auc (best validation AUC), auc3 (its mean "
+                          "over 3 epochs) or last (the schedule's end)", choices=list(SELECTION_WINDOWS))  # fmt: skip
     warmup_epochs: int = flag(0, "epochs of linear learning-rate warm-up (--schedule cosine)", type=non_negative_int)
     clahe: bool = flag(False, "contrast-limited adaptive histogram equalisation of every image, train and test alike")
     intensity_augment: bool = flag(False, "also augment intensity (gamma, blur, noise): X-rays of other hospitals")
@@ -149,6 +150,7 @@ FROM_SCRATCH_DEFAULTS = dict(
     warmup_epochs=1,
     clahe=True,
     intensity_augment=True,
+    selection="last",
 )
 COSINE_LENGTH = ("epochs", "schedule", "warmup_epochs")  # what lays out a cosine schedule
 DEMO_DEFAULTS = dict(
@@ -383,7 +385,7 @@ def train_and_validate(run: Run, epoch: int) -> None:
     points = operating_points(val_results, config.temperature_scaling)
     state.thresholds, state.temperature = points["thresholds"], points["temperature"]
     state.operating_points_epoch = epoch
-    score = selection_score(state.history, min(config.selection_window, config.epochs))  # short runs: all epochs
+    score = selection_score(state.history, min(SELECTION_WINDOWS[config.selection], config.epochs))
     if score > state.best_score:
         state.best_score, state.best_epoch, state.stale_epochs = score, epoch, 0
         run.save(run.best_path, include_training_state=False)

@@ -180,10 +180,16 @@ def format_p_value(p_value: float, resamples: int) -> str:
     return "p < 0.001" if p_value < 0.001 else f"p = {p_value:.3f}"
 
 
+SELECTION_WINDOWS = {"auc": 1, "auc3": 3, "last": 0}  # --selection: epochs averaged; 0: the latest epoch wins
+
+
 def selection_score(history: list[dict], window: int) -> list[float]:
     """[validation AUC, -validation loss] of the last epoch, each averaged over the last `window` epochs:
     on a validation set of a few dozen images one epoch's AUC is noisy, a running mean less so. Until a
-    window is full the score is -inf, so that an early epoch cannot win on one noisy value."""
+    window is full the score is -inf, so that an early epoch cannot win on one noisy value. Window 0 scores
+    the epoch itself, so that the latest epoch always wins."""
+    if window == 0:
+        return [float(len(history)), 0.0]
     if len(history) < window:
         return [-float("inf"), -float("inf")]
     recent = history[-window:]

@@ -23,7 +23,7 @@ SCRATCH = {"recipe": "from-scratch", "lr": 1e-3, "backbone_lr_mult": 1.0, "sched
 def test_from_scratch_recipe_applies_to_random_weights_unless_a_learning_rate_is_given():
     config = trainer.config_from_args(["--weights", "none"])
     assert {key: getattr(config, key) for key in SCRATCH} == SCRATCH
-    assert config.intensity_augment and config.warmup_epochs == 1
+    assert config.intensity_augment and config.warmup_epochs == 1 and config.selection == "last"
 
     own_lr = trainer.config_from_args(["--weights", "none", "--lr", "3e-4"])
     assert own_lr.recipe == "original" and own_lr.schedule == "plateau" and own_lr.lr == 3e-4
@@ -63,8 +63,16 @@ def test_clahe_is_the_same_on_the_cached_path_the_per_image_path_and_a_checkpoin
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)
     plain = torch.stack([eval_transform(48)(load_xray(p)) for p in paths])
     assert (slow - plain).abs().max() > 0.1  # CLAHE really changed the pixels
-    checkpoint = {"preprocessing": {"clahe": dict(CLAHE)}, "image_size": 48, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    checkpoint = {
+        "config": {"clahe": True},
+        "preprocessing": {"clahe": dict(CLAHE)},
+        "image_size": 48,
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+    }
     torch.testing.assert_close(torch.stack([checkpoint_transform(checkpoint)(load_xray(p)) for p in paths]), slow)
+    legacy = {"config": {"clahe": True}, "image_size": 48, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    torch.testing.assert_close(torch.stack([checkpoint_transform(legacy)(load_xray(p)) for p in paths]), slow)
     # The checkpoint's own settings are used, not today's defaults.
     other = checkpoint | {"preprocessing": {"clahe": {"clip_limit": 8.0, "tile_grid": [2, 2]}}}
     assert not torch.allclose(torch.stack([checkpoint_transform(other)(load_xray(p)) for p in paths]), slow)
@@ -142,10 +150,11 @@ def test_recipe_flags_resolve_as_documented(capsys):
     assert "--warmup-epochs needs --schedule cosine" in capsys.readouterr().err
 
 
-def test_selection_waits_for_a_full_window():
+def test_selection_waits_for_a_full_window_and_last_takes_the_latest_epoch():
     history = [{"val_auc": 0.8, "val_loss": 0.5}, {"val_auc": 0.6, "val_loss": 0.7}]
     assert selection_score(history[:1], 2) == [-float("inf"), -float("inf")]  # one noisy epoch cannot win
     assert selection_score(history, 2) == pytest.approx([0.7, -0.6])
+    assert selection_score(history, 0) > selection_score(history[:1], 0)  # "last": a worse AUC still wins
 
 
 def test_a_from_scratch_run_says_so_and_records_its_preprocessing(tmp_path, capsys):
@@ -157,6 +166,7 @@ def test_a_from_scratch_run_says_so_and_records_its_preprocessing(tmp_path, caps
     assert "From-scratch recipe for random initial weights (cosine schedule, 1-epoch warm-up, CLAHE, intensity" in out
     assert "Using different learning rates: Backbone 1.00e-03, Classifier 1.00e-03" in out
     best = load_checkpoint(ckpt / "best_resnet50_tb_full_trained.pth")
+    assert best["epoch"] == best["best_epoch"] == 2  # --selection last: the schedule's end
     assert best["preprocessing"] == {"clahe": {"clip_limit": 2.0, "tile_grid": (8, 8)}}
     last = load_checkpoint(ckpt / "last.pth")
     assert [h["lr_classifier"] for h in last["history"]] == pytest.approx([1e-4, 1e-3])  # warm-up, then cosine

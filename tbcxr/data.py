@@ -201,7 +201,7 @@ def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, clahe: dict 
 def checkpoint_transform(checkpoint: dict) -> transforms.Compose:
     """The evaluation transform a checkpoint was trained with: its size, normalisation and preprocessing."""
     # Checkpoints written before the settings were recorded name only the flag: today's settings then.
-    legacy = CLAHE if checkpoint["config"].get("clahe") else None
+    legacy = CLAHE if checkpoint.get("config", {}).get("clahe") else None
     clahe = checkpoint["preprocessing"].get("clahe") if "preprocessing" in checkpoint else legacy
     return eval_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"], clahe)
 

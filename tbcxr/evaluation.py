@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,26 +93,22 @@ def leave_out_known(samples, manifest: dict, workers: int) -> tuple[list, dict[s
         )  # fmt: skip
         rows, columns, _ = near_pairs(scan.hash_words(readable), known_words, NEAR_DUPLICATE_BITS)
         reasons |= {readable[i]: f"near copies of its {sides[known[j]]} images" for i, j in zip(rows, columns)}
-    left_out: dict[str, int] = {}
-    for path, _ in samples:
-        if path in reasons:
-            left_out[reasons[path]] = left_out.get(reasons[path], 0) + 1
-    return [(path, label) for path, label in samples if path not in reasons], left_out
+    return split_by_reason(samples, reasons)
+
+
+def split_by_reason(samples, reasons: dict[str, str]) -> tuple[list, dict[str, int]]:
+    """The samples without a reason to leave them out, and how many were left out per reason."""
+    left_out = Counter(reasons[path] for path, _ in samples if path in reasons)
+    return [(path, label) for path, label in samples if path not in reasons], dict(left_out)
 
 
 def leave_out_by_path(samples, root: Path, manifest: dict) -> tuple[list, dict[str, int]]:
     """For manifests written before image content was recorded: recognise the checkpoint's images by their
     path relative to the data folder (right for a moved copy of that folder, blind to copies elsewhere)."""
     sides = {rel: name for side, name in (("val", "validation"), ("train", "training")) for rel, _ in manifest[side]}
-    left_out: dict[str, int] = {}
-    kept = []
-    for path, label in samples:
-        side = sides.get(Path(os.path.relpath(path, root)).as_posix())
-        if side:
-            left_out[f"in its {side} images (by path)"] = left_out.get(f"in its {side} images (by path)", 0) + 1
-        else:
-            kept.append((path, label))
-    return kept, left_out
+    relative = {path: Path(os.path.relpath(path, root)).as_posix() for path, _ in samples}
+    reasons = {path: f"in its {sides[rel]} images (by path)" for path, rel in relative.items() if rel in sides}
+    return split_by_reason(samples, reasons)
 
 
 def held_out_samples(checkpoint_path: Path, data_dir: str = "", workers: int = 2) -> tuple[list, str]:

@@ -125,8 +125,12 @@ def step_scheduler(scheduler, validation_loss: float) -> None:
         scheduler.step()
 
 
-def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    return {group["name"]: group["lr"] for group in optimizer.param_groups}
+def group_lrs(optimizer: torch.optim.Optimizer, as_set: bool = False) -> dict[str, float]:
+    """Each named group's current rate, or with as_set the rate before any schedule (a warm-up) lowered it."""
+    return {
+        group["name"]: group.get("initial_lr", group["lr"]) if as_set else group["lr"]
+        for group in optimizer.param_groups
+    }
 
 
 @torch.no_grad()

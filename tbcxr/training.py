@@ -25,7 +25,7 @@ from .config import (
     Profile,
     best_checkpoint_path,
 )
-from .model import count_trainable
+from .model import count_trainable, group_lrs
 from .runtime import DistributedContext
 from .tracking import RunLogger, SilentLogger, continue_run, resolve_tracking_uri, start_run
 
@@ -188,7 +188,7 @@ class Run:
             print("ALL LAYERS TRAINABLE - Full network training enabled")
         print(f"Model has {count_trainable(run.model):,} trainable parameters")
         # The rates as set: a warm-up schedule has already lowered the current ones.
-        lrs = {group["name"]: group.get("initial_lr", group["lr"]) for group in run.optimizer.param_groups}
+        lrs = group_lrs(run.optimizer, as_set=True)
         if "backbone" in lrs:
             print(f"Using different learning rates: Backbone {lrs['backbone']:.2e}, Classifier {lrs['classifier']:.2e}")
         else:

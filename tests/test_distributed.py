@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, learning_metrics, make_organized
+from conftest import TINY as CONFTEST_TINY
 from mlflow.tracking import MlflowClient
 
 import resnet50_tb_full as trainer
@@ -16,23 +17,7 @@ from tbcxr.config import MANIFEST_NAME
 from tbcxr.data import EpochSampler, make_loaders
 from tbcxr.runtime import DistributedContext
 
-TINY = [
-    "--epochs",
-    "2",
-    "--image-size",
-    "32",
-    "--batch-size",
-    "8",
-    "--num-workers",
-    "0",
-    "--weights",
-    "none",
-    "--recipe",
-    "original",
-    "--seed",
-    "7",
-    "--deterministic",
-]
+TINY = [*CONFTEST_TINY, *"--epochs 2 --seed 7 --deterministic".split()]
 
 
 def run(launcher: list[str], data, tmp_path, name: str) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import write_xrays
+from conftest import TINY, write_xrays
 from torchvision import transforms
 
 import resnet50_tb_full as trainer
@@ -121,28 +121,9 @@ def test_trainer_uses_the_fast_path_by_default():
 
 def test_per_image_path_still_trains_end_to_end(tmp_path, organized_data):
     summary = trainer.main(
-        [
-            "--data-dir",
-            str(organized_data),
-            "--checkpoint-dir",
-            str(tmp_path / "ckpt"),
-            "--tracking-uri",
-            f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "--epochs",
-            "1",
-            "--no-fast-data",
-            "--image-size",
-            "32",
-            "--batch-size",
-            "8",
-            "--num-workers",
-            "0",
-            "--weights",
-            "none",
-            "--recipe",
-            "original",
-        ]
-    )
+        ["--data-dir", str(organized_data), "--checkpoint-dir", str(tmp_path / "ckpt"),
+         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--epochs", "1", "--no-fast-data", *TINY]
+    )  # fmt: skip
     assert not (tmp_path / "ckpt" / "cache").exists()  # no decoded cache on this path
     assert (tmp_path / "ckpt" / "best_resnet50_tb_full_trained.pth").is_file()
     history = torch.load(tmp_path / "ckpt" / "last.pth", weights_only=True)["history"]

@@ -83,7 +83,7 @@ class TrainConfig:
     freeze_features: bool = flag(False, "train only the final layer: the original design's transfer-learning baseline")
     amp: bool | None = flag(None, "mixed precision (bf16, or fp16 with a GradScaler); default on for CUDA only")
     device: str = flag("auto", "compute device", choices=["auto", "cuda", "cpu", "mps"])
-    num_workers: int = flag(min(4, os.cpu_count() or 1), "DataLoader worker processes", type=non_negative_int)
+    num_workers: int = flag(min(4, os.cpu_count() or 1), "processes preparing and loading data", type=non_negative_int)
     val_fraction: float = flag(0.15, "share of train held out for validation (stratified)", type=open_fraction)
     test_fraction: float = flag(0.2, "share held out for test when the data has no test/ side", type=open_fraction)
     scheduler_patience: int = flag(3, "ReduceLROnPlateau patience in epochs, on validation loss", type=non_negative_int)
@@ -300,9 +300,11 @@ def prepare_data(run: Run, resuming: bool) -> None:
             run.manifest = prepare_manifest(
                 config.data_dir, run.manifest_path, val_fraction=config.val_fraction,
                 test_fraction=config.test_fraction, seed=config.seed, strict=config.strict, dedup=config.dedup,
-                workers=max(2, config.num_workers), image_size=config.image_size,
+                workers=config.num_workers, image_size=config.image_size,
                 cache_dir=run.checkpoint_dir / "cache" if config.fast_data else None,
             )  # fmt: skip
+        if config.prepare_only:
+            return
         run.loaders = make_loaders(
             run.manifest, run.device, image_size=config.image_size, batch_size=config.batch_size, seed=config.seed,
             oversample=config.balance == "oversample", fast_data=config.fast_data, num_workers=config.num_workers,

@@ -58,6 +58,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", choices=["both", "naive", "project"], default="both", help="which models to train")
     parser.add_argument("--per-epoch", action="store_true", help="also score every epoch of the project's runs")
     parser.add_argument("--reuse", action="store_true", help="score a finished project run in --work-dir again")
+    parser.add_argument("--label", default="project", help="the name the project's runs are reported and saved under "
+                        "(keeps a variant apart from the recipe in --merge)")  # fmt: skip
     parser.add_argument("--project-args", nargs=argparse.REMAINDER, default=[], help="extra trainer flags")
     parser.add_argument("--work-dir", default=str(ROOT / "benchmarks" / "data" / "generalisation"), help="scratch")
     parser.add_argument("--out", default="", help="write the results, per-image scores included, as JSON here")
@@ -162,17 +164,17 @@ def auc_with_interval(labels, probs, resamples: int) -> dict:
     return {"auc": float(roc_auc_score(labels, probs)), "ci_low": float(low), "ci_high": float(high)}
 
 
-def mean_difference(runs: dict, part: str, resamples: int) -> dict:
-    """Mean over seeds of the project's AUC minus the naive reference's, with a paired bootstrap interval."""
-    labels = runs["naive"][0][part][0]
-    for model_runs in runs.values():
-        for run in model_runs:
+def mean_difference(runs: dict, model: str, reference: str, part: str, resamples: int) -> dict:
+    """Mean over seeds of one model's AUC minus another's, with a paired bootstrap interval."""
+    labels = runs[reference][0][part][0]
+    for name in (model, reference):
+        for run in runs[name]:
             assert np.array_equal(run[part][0], labels), "both models must be scored on the same images"
 
     def difference(index):
-        means = {name: np.mean([roc_auc_score(labels[index], r[part][1][index]) for r in model_runs])
-                 for name, model_runs in runs.items()}  # fmt: skip
-        return means["project"] - means["naive"]
+        means = {name: np.mean([roc_auc_score(labels[index], r[part][1][index]) for r in runs[name]])
+                 for name in (model, reference)}  # fmt: skip
+        return means[model] - means[reference]
 
     draws = [difference(i) for i in bootstrap_indices(labels, resamples, seed=1)]
     low, high = np.percentile(draws, [2.5, 97.5])
@@ -214,9 +216,10 @@ def print_table(results: dict, args) -> None:
                 for rule, pick in selection_rules(run).items():
                     print(f"  {rule:<34} epoch {pick['epoch']:>2}: internal {pick['internal']:.3f}, "
                           f"external {pick['external']:.3f}")  # fmt: skip
-    for part, entry in results.get("difference", {}).items():
-        interval = f"[{entry['ci_low']:+.3f}, {entry['ci_high']:+.3f}]"
-        print(f"project - naive, mean {part} AUC: {entry['difference']:+.3f} {interval}")
+    for pair, parts in results["differences"].items():
+        for part, entry in parts.items():
+            interval = f"[{entry['ci_low']:+.3f}, {entry['ci_high']:+.3f}]"
+            print(f"{pair}, mean {part} AUC: {entry['difference']:+.3f} {interval}")
 
 
 def train_all(args) -> tuple[dict, float]:
@@ -229,6 +232,8 @@ def train_all(args) -> tuple[dict, float]:
             print(f"== {name}, seed {seed}", flush=True)
             run = train_naive(args, seed) if name == "naive" else train_project(args, seed)
             scores[name].append(run | {"seed": seed})
+    if "project" in scores:
+        scores[args.label] = scores.pop("project")
     return scores, time.perf_counter() - started
 
 
@@ -256,10 +261,13 @@ def main(argv: list[str] | None = None) -> dict:
             | {key: run[key] for key in ("seed", "best_epoch", "history", "per_epoch") if key in run}
             for run in runs
         ]
-    if len(names) == 2:
-        results["difference"] = {
-            part: mean_difference(scores, part, args.resamples) for part in ("internal", "external")
+    results["differences"] = {  # every model against each one listed before it (the naive reference first)
+        f"{model} - {reference}": {
+            part: mean_difference(scores, model, reference, part, args.resamples) for part in ("internal", "external")
         }
+        for i, reference in enumerate(names)
+        for model in names[i + 1 :]
+    }
     print_table(results, args)
     print(f"Total training and scoring time: {results['seconds'] / 60:.1f} min")
     if args.out:

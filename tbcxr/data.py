@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from .checkpoint import write_json
+from .checkpoint import read_json, write_json
 from .config import AUGMENTATION, CLAHE, CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD
 from .data_quality import data_report, drop_leaks, find_leaks, scan_images
 from .decoding import equalise, is_image_file, load_xray
@@ -26,6 +26,7 @@ from .fast_data import (
     DeviceBatches,
     augment_intensity,
     decoded_cache,
+    fingerprint,
     sample_intensity,
     side_cache_sizes,
     train_cache_size,
@@ -38,6 +39,7 @@ EXPECTED_LAYOUT = """Expected one of these layouts (class folder names match cas
   raw Kaggle: DIR/Normal/*.png        DIR/Tuberculosis/*.png
               (or one folder deeper, e.g. DIR/TB_Chest_Radiography_Database/Normal)
 No data at hand? Run with --demo to generate a small synthetic data set."""
+PREPARATION_VERSION = "split+leaks+caches 1"  # in the preparation key: a new way of preparing starts afresh
 
 
 @dataclass
@@ -355,6 +357,12 @@ def prepare_manifest(
     data = discover_dataset(data_dir)
     paths = [path for path, _ in data.train + (data.test or [])]
     cache_sizes = side_cache_sizes(image_size) if cache_dir and image_size else {}
+    settings = dict(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, strict=strict, dedup=dedup)
+    preparation = fingerprint(paths, PREPARATION_VERSION, sorted(settings.items()), sorted(cache_sizes.items()))
+    if cache_dir is not None and (manifest := prepared_manifest(manifest_path, preparation, cache_dir)):
+        print(f"Preparing data: {len(paths)} images and settings unchanged, split read from {manifest_path}")
+        print(data_report(manifest, manifest_path, [cache_dir / name for name in manifest["preparation"]["caches"]]))
+        return manifest
     scan = scan_images(paths, workers, cache_dir, tuple(sorted(set(cache_sizes.values()))))
     if scan.unreadable:
         listing = "\n".join(f"  {path}: {reason}" for path, reason in sorted(scan.unreadable.items()))
@@ -392,7 +400,6 @@ def prepare_manifest(
         # An exact copy of a training image is never a test image; near copies are the user's call.
         manifest = drop_leaks(manifest, [leak for leak in leaks if dedup or leak["kind"] == "exact"])
     manifest["leaks"] = leaks
-    write_json(manifest, manifest_path)
     caches = [
         decoded_cache(
             [path for path, _ in manifest_samples(manifest, side)],
@@ -404,5 +411,20 @@ def prepare_manifest(
         for side, size in cache_sizes.items()
     ]
     scan.remove_pixels()
+    if cache_dir is not None:  # what lets the next run on the same files and settings skip all of the above
+        manifest["preparation"] = {"key": preparation, "caches": [Path(cache.filename).name for cache in caches]}
+    write_json(manifest, manifest_path)
     print(data_report(manifest, manifest_path, [Path(cache.filename) for cache in caches]))
+    return manifest
+
+
+def prepared_manifest(manifest_path: Path, preparation: str, cache_dir: Path) -> dict | None:
+    """The manifest a previous preparation of the same files with the same settings wrote, if its caches are
+    still there; else None."""
+    if not manifest_path.is_file():
+        return None
+    manifest = read_json(manifest_path)
+    recorded = manifest.get("preparation", {})
+    if recorded.get("key") != preparation or not all((cache_dir / name).is_file() for name in recorded["caches"]):
+        return None
     return manifest

@@ -142,9 +142,9 @@ def decodes(monkeypatch):
     return calls
 
 
-def prepare_and_load(data: Path, tmp_path: Path) -> dict:
+def prepare_and_load(data: Path, tmp_path: Path, seed: int = 1) -> dict:
     """prepare_manifest then make_loaders, as the trainer calls them on the fast data path."""
-    kwargs = dict(val_fraction=0.2, test_fraction=0.2, seed=1, strict=False, dedup=False, workers=2)
+    kwargs = dict(val_fraction=0.2, test_fraction=0.2, seed=seed, strict=False, dedup=False, workers=2)
     manifest = prepare_manifest(
         str(data), tmp_path / MANIFEST_NAME, **kwargs, cache_dir=tmp_path / "cache", image_size=32
     )
@@ -171,8 +171,15 @@ def test_each_image_is_decoded_once_and_an_unchanged_set_not_again(tmp_path, dec
     capsys.readouterr()
     again = prepare_and_load(data, tmp_path)
     assert decodes == [] and again == manifest
-    assert capsys.readouterr().out.count("unchanged, results read from") == 2  # the scan and the leak check
+    assert "images and settings unchanged, split read from" in capsys.readouterr().out
     assert sorted((tmp_path / "cache").glob("decoded_*.npy")) == caches
+
+    resplit = prepare_and_load(data, tmp_path, seed=2)  # another split: the kept scan, a new leak check and caches
+    output = capsys.readouterr().out
+    assert resplit["val"] != manifest["val"] and not [path for path in decodes if path.endswith("empty.png")]
+    assert f"Checking images: {len(files)} images unchanged" in output  # the scan, and only the scan, read back
+    assert output.count("unchanged, results read from") == 1
+    decodes.clear()
 
     changed = sorted((data / "test" / "Tuberculosis").iterdir())[0]
     Image.fromarray(np.full((40, 40), 7, dtype=np.uint8), mode="L").save(changed)

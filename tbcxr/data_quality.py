@@ -216,6 +216,8 @@ def data_report(manifest: dict, manifest_path: Path, cache_files: list[Path]) ->
     lines.append(f"  duplicates across splits: {exact} exact, {len(manifest['leaks']) - exact} near")
     if cache_files:
         megabytes = sum(path.stat().st_size for path in cache_files) / 2**20
-        lines.append(f"  decoded cache: {megabytes:.1f} MB in {len(cache_files)} files in {cache_files[0].parent.resolve()}")
+        lines.append(
+            f"  decoded cache: {megabytes:.1f} MB in {len(cache_files)} files in {cache_files[0].parent.resolve()}"
+        )
     lines.append(f"  split manifest: {manifest_path}")
     return "\n".join(lines)

@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tbcxr.checkpoint import load_checkpoint, model_from_checkpoint, read_json, write_json
+from tbcxr.checkpoint import load_checkpoint, model_from_checkpoint, write_json
 from tbcxr.config import (
     CLASS_NAMES,
     FULL_TRAINING,
-    MANIFEST_NAME,
     add_dataclass_arguments,
     best_checkpoint_path,
     flag,
@@ -37,7 +36,7 @@ from tbcxr.config import (
 )
 from tbcxr.data import checkpoint_transform, find_class_dirs, labelled_images, list_images
 from tbcxr.decoding import UNREADABLE_IMAGE_ERRORS, load_xray
-from tbcxr.evaluation import held_out_samples
+from tbcxr.evaluation import held_out_samples, manifest_beside
 from tbcxr.figures import pyplot, save_figure
 from tbcxr.metrics import operating_threshold, tb_probability
 from tbcxr.progress import track
@@ -383,8 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(config.device)
     model = model_from_checkpoint(checkpoint)
     output_dir = Path(config.output_dir or profile.gradcam_dir)
-    manifest_path = checkpoint_path.parent / MANIFEST_NAME
-    manifest = read_json(manifest_path) if manifest_path.is_file() else None
+    manifest = manifest_beside(checkpoint_path, checkpoint)
     trained_on = manifest["data_dir"] if manifest else ""
     for data_dir in {config.data_dir, trained_on} - {""}:
         refuse_inside(output_dir, data_dir, "--output-dir")

@@ -290,18 +290,25 @@ def set_up(config: TrainConfig) -> Run:
     return run
 
 
-def prepare_data(run: Run, resuming: bool) -> None:
+def prepare_data(run: Run, resumed: dict | None) -> None:
     """Split, check and cache the data once; reuse the saved split when resuming, so test images never change."""
     config = run.config
+    if config.prepare_only and run.last_path.is_file():
+        raise SystemExit(
+            f"error: {run.checkpoint_dir} holds a training run's checkpoints, whose split manifest --prepare-only "
+            "would replace: use another --checkpoint-dir"
+        )
     with runtime.main_process_first(run.dist):
-        if resuming or not run.dist.is_main:
+        if resumed is not None:
+            run.manifest = evaluation.manifest_beside(run.last_path, resumed) or read_json(run.manifest_path)
+        elif not run.dist.is_main:
             run.manifest = read_json(run.manifest_path)
         else:
             run.manifest = prepare_manifest(
                 config.data_dir, run.manifest_path, val_fraction=config.val_fraction,
                 test_fraction=config.test_fraction, seed=config.seed, strict=config.strict, dedup=config.dedup,
-                workers=config.num_workers, image_size=config.image_size,
-                cache_dir=run.checkpoint_dir / "cache" if config.fast_data else None,
+                workers=config.num_workers, image_size=config.image_size if config.fast_data else 0,
+                cache_dir=run.checkpoint_dir / "cache",  # the scan is kept there on either data path
             )  # fmt: skip
         if config.prepare_only:
             return
@@ -476,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
         return evaluation.run_test_only(Path(config.resume), config.data_dir, scoring(config), config.tracking_uri)
     resumed = load_resumable(config.resume) if config.resume else None
     run = set_up(config)
-    prepare_data(run, resuming=resumed is not None)
+    prepare_data(run, resumed)
     if config.prepare_only:  # the data report is printed: stop before any model is built
         return run.manifest
     build_training(run, resumed)

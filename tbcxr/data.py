@@ -6,10 +6,13 @@ to a split manifest that every later step, --resume, --test-only and GradCAM reu
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +22,7 @@ from torchvision import transforms
 
 from .checkpoint import read_json, write_json
 from .config import AUGMENTATION, CLAHE, CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD
-from .data_quality import data_report, drop_leaks, find_leaks, scan_images
+from .data_quality import NEAR_DUPLICATE_BITS, SCAN_VERSION, data_report, drop_leaks, find_leaks, scan_images
 from .decoding import equalise, is_image_file, load_xray
 from .fast_data import (
     CachedBatches,
@@ -142,6 +145,12 @@ def make_split_manifest(data: DataSplit, val_fraction: float, test_fraction: flo
         "val": rel(val),
         "test": rel(test),
     }
+
+
+def split_digest(manifest: dict) -> str:
+    """A short name for which images a manifest puts on each side: checkpoints record it, so a manifest
+    that a later run replaced is noticed."""
+    return hashlib.sha1(json.dumps([manifest[side] for side in ("train", "val", "test")]).encode()).hexdigest()[:16]
 
 
 def manifest_samples(manifest: dict, side: str) -> list[tuple[str, int]]:
@@ -358,7 +367,9 @@ def prepare_manifest(
     paths = [path for path, _ in data.train + (data.test or [])]
     cache_sizes = side_cache_sizes(image_size) if cache_dir and image_size else {}
     settings = dict(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, strict=strict, dedup=dedup)
-    preparation = fingerprint(paths, PREPARATION_VERSION, sorted(settings.items()), sorted(cache_sizes.items()))
+    # Everything the split, the leak report and the caches depend on besides the files themselves
+    methods = (PREPARATION_VERSION, SCAN_VERSION, NEAR_DUPLICATE_BITS, *map(version, ("scikit-learn", "ImageHash")))
+    preparation = fingerprint(paths, *methods, sorted(settings.items()), sorted(cache_sizes.items()))
     if cache_dir is not None and (manifest := prepared_manifest(manifest_path, preparation, cache_dir)):
         print(f"Preparing data: {len(paths)} images and settings unchanged, split read from {manifest_path}")
         print(data_report(manifest, manifest_path, [cache_dir / name for name in manifest["preparation"]["caches"]]))

@@ -27,6 +27,7 @@ from .progress import track
 SCAN_VERSION = "sha1+phash16"  # part of the scan file's name: a different hash never reads an old file
 SIDES = ("train", "val", "test")
 PAIRS = (("train", "val"), ("train", "test"), ("val", "test"))  # (kept side, held-out side)
+NEAR_DUPLICATE_BITS = 10  # perceptual hashes this close are near duplicates
 LEAK_CHUNK = 64  # held-out images compared at once: memory is LEAK_CHUNK x N_kept x 10 bytes
 
 
@@ -141,7 +142,7 @@ def near_pairs(held_out: np.ndarray, kept: np.ndarray, max_distance: int) -> tup
     return rows[close], columns[close], distances[close]
 
 
-def find_leaks(manifest: dict, scan: ImageScan, max_distance: int = 10) -> list[dict]:
+def find_leaks(manifest: dict, scan: ImageScan, max_distance: int = NEAR_DUPLICATE_BITS) -> list[dict]:
     """Exact (same decoded pixels) and near (256-bit perceptual hash within max_distance bits)
     duplicates between train and the held-out sides (val, test) and between val and test.
 

@@ -18,7 +18,7 @@ import torch
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, read_json, write_json
 from .config import CLASS_NAMES, FULL_TRAINING, MANIFEST_NAME, SUMMARY_NAME, profile_of
-from .data import XrayDataset, checkpoint_transform, discover_dataset, manifest_samples
+from .data import XrayDataset, checkpoint_transform, discover_dataset, manifest_samples, split_digest
 from .data_quality import near_pairs, scan_images
 from .figures import comparison_roc_figure, gradcam_row, save_evaluation_figures, training_curves_figure
 from .metrics import (
@@ -111,6 +111,22 @@ def leave_out_by_path(samples, root: Path, manifest: dict) -> tuple[list, dict[s
     return split_by_reason(samples, reasons)
 
 
+def manifest_beside(checkpoint_path: Path, checkpoint: dict | None = None) -> dict | None:
+    """The split manifest in a checkpoint's folder (None if there is none), refused when it is not the split
+    the checkpoint was trained on (another run or --prepare-only in the same folder replaced it)."""
+    path = Path(checkpoint_path).parent / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    manifest = read_json(path)
+    recorded = (checkpoint or load_checkpoint(checkpoint_path)).get("split_digest")
+    if recorded is not None and recorded != split_digest(manifest):
+        raise SystemExit(
+            f"error: {path} is not the split {checkpoint_path} was trained on: a later run or --prepare-only "
+            "in the same --checkpoint-dir replaced it, so its test images are unknown"
+        )
+    return manifest
+
+
 def held_out_samples(checkpoint_path: Path, data_dir: str = "", workers: int = 2) -> tuple[list, str]:
     """The labelled images to test a checkpoint on, and where they come from.
 
@@ -120,7 +136,7 @@ def held_out_samples(checkpoint_path: Path, data_dir: str = "", workers: int = 2
     validation or split-removed content. Content, not paths: a moved or copied folder is still
     recognised. The console says how many images were left out and why."""
     manifest_path = Path(checkpoint_path).parent / MANIFEST_NAME
-    manifest = read_json(manifest_path) if manifest_path.is_file() else None
+    manifest = manifest_beside(checkpoint_path)
     if not data_dir:
         if manifest is None:
             raise SystemExit(
@@ -156,8 +172,7 @@ def held_out_samples(checkpoint_path: Path, data_dir: str = "", workers: int = 2
 
 def refuse_trained_on(samples, checkpoint_path: Path, workers: int) -> None:
     """--compare: stop when the second checkpoint trained or validated on any of the evaluated images."""
-    manifest_path = Path(checkpoint_path).parent / MANIFEST_NAME
-    manifest = read_json(manifest_path) if manifest_path.is_file() else {}
+    manifest = manifest_beside(checkpoint_path) or {}
     if "content_sha1" not in manifest:
         raise SystemExit(
             f"error: {checkpoint_path} has no split manifest recording image content beside it, so "

@@ -47,12 +47,12 @@ def decode_resized(path: str, size: int) -> np.ndarray:
 
 def fingerprint(paths: list[str], *key) -> str:
     """A name for what was computed from these files: the key and the decoder's version, then every file's
-    path, size, modification and change times, so a changed data set or decoder gets a fresh cache and a
+    path, size, inode, modification and change times, so a changed data set or decoder gets a fresh cache and a
     stale one is never read."""
     digest = hashlib.sha1("|".join(map(str, (*key, DECODER_VERSION))).encode())
     for path in paths:
         stat = os.stat(path)
-        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}\n".encode())
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}\n".encode())
     return digest.hexdigest()[:16]
 
 

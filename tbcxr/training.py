@@ -25,6 +25,7 @@ from .config import (
     Profile,
     best_checkpoint_path,
 )
+from .data import split_digest
 from .model import count_trainable, group_lrs
 from .runtime import DistributedContext
 from .tracking import RunLogger, SilentLogger, continue_run, resolve_tracking_uri, start_run
@@ -134,6 +135,7 @@ class Run:
             tracking_uri=self.logger.tracking_uri,
             # what evaluation and GradCAM must redo to see the images as training did
             preprocessing={"clahe": dict(CLAHE)} if self.config.clahe else {},
+            split_digest=split_digest(self.manifest),
             **asdict(self.state),
         )
         if include_training_state:

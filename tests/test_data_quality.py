@@ -15,6 +15,7 @@ from PIL import Image
 
 import resnet50_tb_full as trainer
 from tbcxr import data_quality, fast_data
+from tbcxr.checkpoint import read_json
 from tbcxr.config import MANIFEST_NAME
 from tbcxr.data import discover_dataset, make_loaders, make_split_manifest, manifest_samples, prepare_manifest
 from tbcxr.data_quality import LEAK_CHUNK, PAIRS, ImageScan, find_leaks, scan_images
@@ -181,11 +182,37 @@ def test_each_image_is_decoded_once_and_an_unchanged_set_not_again(tmp_path, dec
     assert output.count("unchanged, results read from") == 1
     decodes.clear()
 
+    before = set((tmp_path / "cache").glob("decoded_*.npy"))
     changed = sorted((data / "test" / "Tuberculosis").iterdir())[0]
     Image.fromarray(np.full((40, 40), 7, dtype=np.uint8), mode="L").save(changed)
     prepare_and_load(data, tmp_path)
-    assert sorted(decodes) == files  # a changed file: scanned and cached afresh, still once per image
-    assert len(set((tmp_path / "cache").glob("decoded_*.npy")) - set(caches)) >= 1
+    assert sorted(decodes) == files  # a changed file: scanned afresh, still once per image
+    new = set((tmp_path / "cache").glob("decoded_*.npy")) - before
+    assert [path.name.split("_")[:3] for path in new] == [["decoded", "32px", "6"]]  # the test side's (6) only
+
+
+@pytest.mark.parametrize("change", ["val_fraction", "dedup", "image_size", "added_file", "deleted_cache"])
+def test_a_preparation_is_read_back_only_while_files_settings_and_caches_are_unchanged(tmp_path, capsys, change):
+    data = make_organized(tmp_path / "data", train=6, test=2, size=40)
+    manifest_path, cache_dir = tmp_path / MANIFEST_NAME, tmp_path / "cache"
+    kwargs = dict(val_fraction=0.2, test_fraction=0.2, seed=1, strict=False, dedup=False, workers=0, image_size=32)
+    prepare_manifest(str(data), manifest_path, **kwargs, cache_dir=cache_dir)
+    prepare_manifest(str(data), manifest_path, **kwargs, cache_dir=cache_dir)
+    assert "images and settings unchanged" in capsys.readouterr().out
+
+    if change == "added_file":
+        (data / "train" / "Normal" / "extra.png").write_bytes((data / "test" / "Normal" / "img_000.png").read_bytes())
+    elif change == "deleted_cache":
+        next(cache_dir.glob("decoded_*.npy")).unlink()
+    else:
+        kwargs[change] = {"val_fraction": 0.4, "dedup": True, "image_size": 24}[change]
+    manifest = prepare_manifest(str(data), manifest_path, **kwargs, cache_dir=cache_dir)
+    assert "images and settings unchanged" not in capsys.readouterr().out
+    assert read_json(manifest_path) == manifest
+    assert all((cache_dir / name).is_file() for name in manifest["preparation"]["caches"])
+    if change == "added_file":  # an exact copy of a test image: on the training side, and reported
+        assert any(rel.endswith("extra.png") for rel, _ in manifest["train"] + manifest["val"])
+        assert [leak["kind"] for leak in manifest["leaks"]] == ["exact"]
 
 
 class ModelBuilt(Exception):

@@ -205,3 +205,27 @@ def test_comparing_a_checkpoint_with_itself(trained_run, tmp_path, monkeypatch):
     ):
         assert row in markdown
     assert coloured_share(tmp_path / "reports" / "comparison_roc.png") > 0.002  # the curves, not just a title
+
+
+def test_a_split_manifest_replaced_after_training_is_refused_and_prepare_only_keeps_off_a_trained_run(
+    trained_run, tmp_path
+):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for name in (trained_run["best"].name, "last.pth", MANIFEST_NAME):
+        (ckpt / name).write_bytes((trained_run["best"].parent / name).read_bytes())
+    best = ckpt / trained_run["best"].name
+    assert held_out_samples(best)[0] == manifest_samples(read_json(ckpt / MANIFEST_NAME), "test")  # the control
+
+    with pytest.raises(SystemExit, match="holds a training run's checkpoints"):
+        trainer.main(["--data-dir", str(trained_run["data"]), "--checkpoint-dir", str(ckpt), "--prepare-only"])
+    manifest = read_json(ckpt / MANIFEST_NAME)
+    manifest["train"], manifest["test"] = manifest["test"], manifest["train"]  # what another split would write
+    (ckpt / MANIFEST_NAME).write_text(json.dumps(manifest))
+    for evaluate in (
+        lambda: held_out_samples(best),
+        lambda: gradcam.main(["--checkpoint", str(best), "--output-dir", str(tmp_path / "cams")]),
+        lambda: trainer.main(["--resume", str(ckpt / "last.pth"), "--checkpoint-dir", str(ckpt), "--device", "cpu"]),
+    ):
+        with pytest.raises(SystemExit, match="is not the split"):
+            evaluate()

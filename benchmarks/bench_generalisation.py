@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from datetime import date
 from pathlib import Path
 
@@ -44,12 +46,17 @@ from tbcxr.metrics import bootstrap_indices, selection_score  # noqa: E402
 from tbcxr.runtime import seed_everything  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
+SHARED_SETTINGS = ("train_dir", "external_dir", "epochs", "image_size", "batch_size")  # what --merge checks
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-dir", default=str(SHARED / "tb-cxr-mini"), help="organized train/test folder")
-    parser.add_argument("--external-dir", default=str(SHARED / "tb-shenzhen-290"), help="another hospital")
+    parser.add_argument(
+        "--external-dir",
+        default=str(SHARED / "tb-shenzhen-290"),
+        help="another collection: a hospital never trained on",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training per seed and model")
     parser.add_argument("--epochs", type=int, default=15, help="epochs for both models")
     parser.add_argument("--image-size", type=int, default=128, help="input size for both models")
@@ -127,24 +134,26 @@ def project_scores(checkpoint: dict, internal, external) -> dict:
 
 
 def train_project(args, seed: int) -> dict:
-    work = Path(args.work_dir) / f"project_seed{seed}"
-    finished = (work / "last.pth").is_file() and load_checkpoint(work / "last.pth")["completed"]
-    if not (args.reuse and finished):
-        shutil.rmtree(work, ignore_errors=True)
+    work = Path(args.work_dir) / f"{re.sub(r'[^A-Za-z0-9]+', '-', args.label)}_seed{seed}"
     flags = ["--data-dir", args.train_dir, "--weights", "none", "--image-size", str(args.image_size),
              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(seed),
              "--checkpoint-dir", str(work), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}",
              "--num-workers", "2", "--early-stop-patience", str(args.epochs)]  # fmt: skip
     if args.per_epoch:
         flags += ["--save-every", "1"]
-    if not (args.reuse and finished):
-        trainer.main(flags + args.project_args)
+    flags += args.project_args
+    last_path = work / "last.pth"
+    # A finished run is reused only if it was trained with exactly these settings.
+    reusable = args.reuse and last_path.is_file() and load_checkpoint(last_path)["completed"]
+    if not (reusable and load_checkpoint(last_path)["config"] == asdict(trainer.config_from_args(flags))):
+        shutil.rmtree(work, ignore_errors=True)
+        trainer.main(flags)
     best_path = work / "best_resnet50_tb_full_trained.pth"
     internal = held_out_samples(best_path)[0]
     assert internal == internal_samples(args), "the project must be scored on the organized test/ side"
     external = external_samples(args)
     result = project_scores(load_checkpoint(best_path), internal, external)
-    last = load_checkpoint(work / "last.pth")
+    last = load_checkpoint(last_path)
     result |= {"best_epoch": last["best_epoch"], "history": last["history"]}
     if args.per_epoch:
         result["per_epoch"] = []
@@ -196,7 +205,8 @@ def selection_rules(run: dict) -> dict[str, dict]:
 def print_table(results: dict, args) -> None:
     print(f"\nTrained on {args.train_dir} (train side), {args.epochs} epochs at {args.image_size} px, random initial "
           f"weights; ROC AUC [95% CI, {args.resamples} stratified bootstrap resamples]")  # fmt: skip
-    print(f"{'model':<18}{'seed':>5}  {'internal (own test side)':<28}{'external (other hospital)':<28}")
+    external = f"external ({Path(args.external_dir).name})"
+    print(f"{'model':<18}{'seed':>5}  {'internal (own test side)':<28}{external:<28}")
     for name, runs in results["runs"].items():
         for run in runs:
             seed = run["seed"]
@@ -237,24 +247,41 @@ def train_all(args) -> tuple[dict, float]:
     return scores, time.perf_counter() - started
 
 
-def load_saved(paths: list[str]) -> tuple[dict, float]:
-    """Per-image scores and training time saved by earlier runs' --out files."""
-    scores, seconds = {}, 0.0
+def load_saved(paths: list[str], args) -> tuple[dict, float]:
+    """Per-image scores and training time saved by earlier runs' --out files, which must share the data,
+    the budget and the images scored; args takes their settings, for the table's heading."""
+    scores, seconds, first = {}, 0.0, None
     for path in paths:
         saved = json.loads(Path(path).read_text())
+        settings = {key: saved["args"][key] for key in SHARED_SETTINGS} | {"images": saved.get("images")}
+        first = first or settings
+        differing = [key for key, value in settings.items() if value != first[key] and None not in (value, first[key])]
+        if differing:
+            raise SystemExit(f"error: {path} differs from {paths[0]} in {', '.join(differing)}: not comparable")
         seconds += saved["seconds"]
         for name, runs in saved["scores"].items():
             for run in runs:
+                if run["seed"] in [r["seed"] for r in scores.get(name, [])]:
+                    raise SystemExit(
+                        f"error: {name}, seed {run['seed']} is in more than one file; give it another --label"
+                    )
                 parts = {part: tuple(np.asarray(values) for values in run[part]) for part in ("internal", "external")}
                 scores.setdefault(name, []).append(run | parts)
+    vars(args).update({key: first[key] for key in SHARED_SETTINGS})
     return scores, seconds
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
-    scores, seconds = load_saved(args.merge) if args.merge else train_all(args)
+    if args.label == "naive":
+        raise SystemExit("error: --label naive is the reference's name")
+    scores, seconds = load_saved(args.merge, args) if args.merge else train_all(args)
     names = list(scores)
     results = {"date": str(date.today()), "args": vars(args), "runs": {}, "seconds": seconds}
+    results["images"] = {  # in the order of every run's scores: what --merge checks the pairing by
+        "internal": [Path(path).name for path, _ in internal_samples(args)],
+        "external": [Path(path).name for path, _ in external_samples(args)],
+    }
     for name, runs in scores.items():
         results["runs"][name] = [
             {part: auc_with_interval(*run[part], args.resamples) for part in ("internal", "external")}

@@ -136,21 +136,28 @@ def prepare_only(data_dir: Path, checkpoint_dir: Path, image_size: int, log: Pat
     }
 
 
-def startup_seconds() -> float:
-    """The trainer's start with nothing to do (--help): interpreter and imports, the floor of every run."""
-    times = []
+def startup() -> dict:
+    """The trainer's start with nothing to do (--help): interpreter and imports, the floor of every run's
+    time and memory."""
+    times, peaks = [], []
     for _ in range(3):
         started = time.perf_counter()
-        subprocess.run([sys.executable, str(ROOT / "resnet50_tb_full.py"), "--help"], check=True, capture_output=True)
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "resnet50_tb_full.py"), "--help"], stdout=subprocess.DEVNULL
+        )
+        _, status, usage = os.wait4(process.pid, 0)
         times.append(time.perf_counter() - started)
-    return round(min(times), 2)
+        peaks.append(usage.ru_maxrss / 1024)
+    return {"seconds": round(min(times), 2), "peak_rss_mb": round(max(peaks), 1)}
 
 
-def growth(results: list[dict]) -> list[dict]:
-    """Exponent k in cost ~ size^k between consecutive sizes (1: linear)."""
+def growth(results: list[dict], startup_rss_mb: float) -> list[dict]:
+    """Exponent k in cost ~ size^k between consecutive sizes (1: linear); for memory also of the part above
+    the start-up's, which does not depend on the data."""
     rows = []
     for small, large in zip(results, results[1:]):
         scale = math.log(large["images"] / small["images"])
+        above = [r["first"]["peak_rss_mb"] - startup_rss_mb for r in (small, large)]
         rows.append(
             {
                 "from": small["images"],
@@ -161,6 +168,7 @@ def growth(results: list[dict]) -> list[dict]:
                     / scale,
                     2,
                 ),
+                "main_process_memory_above_startup_exponent": round(math.log(above[1] / above[0]) / scale, 2),
             }
         )
     return rows
@@ -182,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         results.append({"images": count, "first": first, "second": second})
         print(f"{count}: first {first['seconds']} s, second {second['seconds']} s", flush=True)
 
-    startup = startup_seconds()
+    floor = startup()
     header = (
         f"{'images':>8} {'first run s':>12} {'images/s':>9} {'peak RSS MB':>12} {'peak PSS MB':>12} "
         f"{'second run s':>13} {'second/first':>13}"
@@ -200,15 +208,16 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "source_size": args.source_size,
         "image_size": args.image_size,
-        "startup_seconds": startup,
+        "startup": floor,
         "results": results,
-        "growth": growth(results),
+        "growth": growth(results, floor["peak_rss_mb"]),
     }
-    print(f"start-up with nothing to do (--help): {startup} s, part of every run above")
+    print(f"start-up with nothing to do (--help): {floor['seconds']} s and {floor['peak_rss_mb']:.0f} MB, in every run")
     for row in report["growth"]:
         print(
-            f"{row['from']} -> {row['to']} images: time exponent {row['time_exponent']}, "
-            f"memory exponent {row['memory_exponent']} (1 = linear)"
+            f"{row['from']} -> {row['to']} images: time exponent {row['time_exponent']}, memory exponent "
+            f"{row['memory_exponent']}, {row['main_process_memory_above_startup_exponent']} for the main "
+            "process's memory above the start-up's (1 = linear)"
         )
     print(json.dumps(report, indent=2))
     return report

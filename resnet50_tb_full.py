@@ -95,7 +95,7 @@ class TrainConfig:
                          choices=["plateau", "cosine"])  # fmt: skip
     selection: str = flag("auc", "which epoch becomes the best checkpoint: auc (best validation AUC), auc3 (its mean "
                           "over 3 epochs) or last (the schedule's end)", choices=list(SELECTION_WINDOWS))  # fmt: skip
-    warmup_epochs: int = flag(0, "epochs of linear learning-rate warm-up (--schedule cosine)", type=non_negative_int)
+    warmup_epochs: int = flag(0, "warm-up epochs: from a tenth of the rate, one step an epoch", type=non_negative_int)
     clahe: bool = flag(False, "contrast-limited adaptive histogram equalisation of every image, train and test alike")
     intensity_augment: bool = flag(False, "also augment intensity (gamma, blur, noise): X-rays of other hospitals")
     early_stop_patience: int = flag(7, "stop after this many epochs without a better validation AUC", type=positive_int)

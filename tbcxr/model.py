@@ -105,7 +105,8 @@ def build_scheduler(optimizer, schedule: str, epochs: int, warmup_epochs: int, p
     """The learning-rate schedule, stepped once per epoch by step_scheduler.
 
     plateau: the original design's ReduceLROnPlateau on validation loss (x0.1 after `plateau_patience`
-    epochs without improvement). cosine: linear warm-up from a tenth of the rate, then cosine decay to 0."""
+    epochs without improvement). cosine: warm-up from a tenth of the rate in equal steps, one per epoch (one
+    warm-up epoch: the first epoch at a tenth), then cosine decay to 0."""
     from torch.optim import lr_scheduler
 
     if schedule == "plateau":  # no warm-up: the original design's schedule

@@ -179,6 +179,8 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
         layered |= saved
         if saved.get("schedule") == "cosine" and any(given.get(k, saved[k]) != saved[k] for k in COSINE_LENGTH):
             parser.error("a cosine schedule is laid out by --epochs and --warmup-epochs: resume it unchanged")
+        if given.get("selection", saved.get("selection", "auc")) != saved.get("selection", "auc"):
+            parser.error("--selection cannot change on resume: the best checkpoint so far was chosen by another rule")
     else:
         if given.get("freeze_features"):
             layered |= TRANSFER_DEFAULTS

@@ -174,3 +174,7 @@ def test_a_from_scratch_run_says_so_and_records_its_preprocessing(tmp_path, caps
     with pytest.raises(SystemExit):  # a cosine schedule cannot be stretched on resume
         trainer.config_from_args(["--resume", str(ckpt / "last.pth"), "--epochs", "5"])
     assert "resume it unchanged" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # nor can the rule that chose the best checkpoint so far
+        trainer.config_from_args(["--resume", str(ckpt / "last.pth"), "--selection", "auc"])
+    assert "--selection cannot change on resume" in capsys.readouterr().err
+    assert trainer.config_from_args(["--resume", str(ckpt / "last.pth"), "--selection", "last"]).selection == "last"

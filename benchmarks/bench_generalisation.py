@@ -57,7 +57,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=str(SHARED / "tb-shenzhen-290"),
         help="another collection: a hospital never trained on",
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training per seed and model")
+    parser.add_argument("--seeds", type=int, nargs="+", help="one training per seed and model (default 0 1 2; with "
+                        "--merge: report these seeds only)")  # fmt: skip
     parser.add_argument("--epochs", type=int, default=15, help="epochs for both models")
     parser.add_argument("--image-size", type=int, default=128, help="input size for both models")
     parser.add_argument("--batch-size", type=int, default=16, help="batch size for both models")
@@ -174,20 +175,29 @@ def auc_with_interval(labels, probs, resamples: int) -> dict:
 
 
 def mean_difference(runs: dict, model: str, reference: str, part: str, resamples: int) -> dict:
-    """Mean over seeds of one model's AUC minus another's, with a paired bootstrap interval."""
+    """Mean over seeds of one model's AUC minus another's, with two paired bootstrap intervals: over the
+    images (the same resampled images for both), and over the images and the seeds (each model's seeds
+    resampled too: how much the result would move with other seeds; wide with a few seeds)."""
     labels = runs[reference][0][part][0]
     for name in (model, reference):
         for run in runs[name]:
             assert np.array_equal(run[part][0], labels), "both models must be scored on the same images"
 
-    def difference(index):
-        means = {name: np.mean([roc_auc_score(labels[index], r[part][1][index]) for r in runs[name]])
+    def difference(index, seeds):
+        means = {name: np.mean([roc_auc_score(labels[index], runs[name][s][part][1][index]) for s in seeds[name]])
                  for name in (model, reference)}  # fmt: skip
         return means[model] - means[reference]
 
-    draws = [difference(i) for i in bootstrap_indices(labels, resamples, seed=1)]
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return {"difference": float(difference(np.arange(len(labels)))), "ci_low": float(low), "ci_high": float(high)}
+    every_seed = {name: range(len(runs[name])) for name in (model, reference)}
+    rng = np.random.default_rng(2)
+    images = [difference(i, every_seed) for i in bootstrap_indices(labels, resamples, seed=1)]
+    both = [
+        difference(i, {name: rng.integers(0, len(runs[name]), len(runs[name])) for name in every_seed})
+        for i in bootstrap_indices(labels, resamples, seed=3)
+    ]
+    (low, high), (seeds_low, seeds_high) = np.percentile(images, [2.5, 97.5]), np.percentile(both, [2.5, 97.5])
+    return {"difference": float(difference(np.arange(len(labels)), every_seed)), "ci_low": float(low),
+            "ci_high": float(high), "seeds_ci_low": float(seeds_low), "seeds_ci_high": float(seeds_high)}  # fmt: skip
 
 
 def selection_rules(run: dict) -> dict[str, dict]:
@@ -228,8 +238,10 @@ def print_table(results: dict, args) -> None:
                           f"external {pick['external']:.3f}")  # fmt: skip
     for pair, parts in results["differences"].items():
         for part, entry in parts.items():
-            interval = f"[{entry['ci_low']:+.3f}, {entry['ci_high']:+.3f}]"
-            print(f"{pair}, mean {part} AUC: {entry['difference']:+.3f} {interval}")
+            images = f"[{entry['ci_low']:+.3f}, {entry['ci_high']:+.3f}]"
+            seeds = f"[{entry['seeds_ci_low']:+.3f}, {entry['seeds_ci_high']:+.3f}]"
+            print(f"{pair}, mean {part} AUC: {entry['difference']:+.3f}, 95% CI {images} over images, {seeds} over "
+                  "images and seeds")  # fmt: skip
 
 
 def train_all(args) -> tuple[dict, float]:
@@ -237,7 +249,7 @@ def train_all(args) -> tuple[dict, float]:
     started = time.perf_counter()
     names = ["naive", "project"] if args.only == "both" else [args.only]
     scores = {name: [] for name in names}
-    for seed in args.seeds:
+    for seed in args.seeds or [0, 1, 2]:
         for name in names:
             print(f"== {name}, seed {seed}", flush=True)
             run = train_naive(args, seed) if name == "naive" else train_project(args, seed)
@@ -261,6 +273,8 @@ def load_saved(paths: list[str], args) -> tuple[dict, float]:
         seconds += saved["seconds"]
         for name, runs in saved["scores"].items():
             for run in runs:
+                if args.seeds and run["seed"] not in args.seeds:
+                    continue
                 if run["seed"] in [r["seed"] for r in scores.get(name, [])]:
                     raise SystemExit(
                         f"error: {name}, seed {run['seed']} is in more than one file; give it another --label"

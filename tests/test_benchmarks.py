@@ -29,8 +29,10 @@ def test_mean_difference_is_the_difference_of_mean_aucs_with_an_interval_around_
     expected = np.mean([roc_auc_score(labels, p) for p in strong]) - np.mean([roc_auc_score(labels, p) for p in weak])
     assert entry["difference"] == pytest.approx(expected)
     assert 0 < entry["ci_low"] < expected < entry["ci_high"]
+    assert entry["seeds_ci_low"] < expected < entry["seeds_ci_high"]
     same = bench.mean_difference({"naive": runs["naive"], "copy": runs["naive"]}, "copy", "naive", "internal", 50)
-    assert same == {"difference": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    assert (same["difference"], same["ci_low"], same["ci_high"]) == (0.0, 0.0, 0.0)
+    assert same["seeds_ci_low"] < 0 < same["seeds_ci_high"]  # two seeds, drawn apart: the seed spread shows
 
 
 def test_selection_rules_pick_epochs_from_the_validation_history_alone():

@@ -85,6 +85,7 @@ def scan_images(
         print(f"Checking images: {len(paths)} images unchanged, results read from {record}")
         return _load_scan(record, paths, {size: path for size, path in pixels.items() if path.is_file()})
     if cache_dir is not None:  # pixels a failed run left for a data set that has since changed
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
         for stale in set(Path(cache_dir).glob("scan_*px_*.npy")) - set(pixels.values()):
             stale.unlink()
     sha1 = np.zeros((len(paths), 20), dtype=np.uint8)

@@ -17,13 +17,13 @@ from tbcxr.fast_data import CachedBatches, DeviceBatches, augment_intensity, dec
 from tbcxr.metrics import selection_score
 from tbcxr.model import build_scheduler
 
-SCRATCH = {"recipe": "from-scratch", "lr": 1e-3, "backbone_lr_mult": 1.0, "schedule": "cosine", "clahe": False}
+SCRATCH = {"recipe": "from-scratch", "lr": 1e-3, "backbone_lr_mult": 1.0, "schedule": "cosine", "clahe": True}
 
 
 def test_from_scratch_recipe_applies_to_random_weights_unless_a_learning_rate_is_given():
     config = trainer.config_from_args(["--weights", "none"])
     assert {key: getattr(config, key) for key in SCRATCH} == SCRATCH
-    assert not config.intensity_augment and config.warmup_epochs == 1 and config.selection == "last"
+    assert config.intensity_augment and config.warmup_epochs == 1 and config.selection == "last"
 
     own_lr = trainer.config_from_args(["--weights", "none", "--lr", "3e-4"])
     assert own_lr.recipe == "original" and own_lr.schedule == "plateau" and own_lr.lr == 3e-4
@@ -31,8 +31,7 @@ def test_from_scratch_recipe_applies_to_random_weights_unless_a_learning_rate_is
     frozen = trainer.config_from_args(["--weights", "none", "--freeze-features"])
     assert frozen.recipe == "original" and frozen.lr == 1e-3 and frozen.batch_size == 32
     # Explicit flags still win over the recipe's defaults.
-    assert trainer.config_from_args(["--weights", "none", "--clahe"]).clahe
-    assert trainer.config_from_args(["--weights", "none", "--warmup-epochs", "2"]).warmup_epochs == 2
+    assert not trainer.config_from_args(["--weights", "none", "--no-clahe"]).clahe
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
@@ -162,10 +161,9 @@ def test_a_from_scratch_run_says_so_and_records_its_preprocessing(tmp_path, caps
     data = make_organized(tmp_path / "data", train=8, test=3, size=40)
     ckpt = tmp_path / "ckpt"
     trainer.main(["--data-dir", str(data), "--checkpoint-dir", str(ckpt), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
-                  *"--weights none --epochs 2 --image-size 32 --batch-size 8 --num-workers 0 --clahe".split()]
-                 )  # fmt: skip
+                  *"--weights none --epochs 2 --image-size 32 --batch-size 8 --num-workers 0".split()])  # fmt: skip
     out = capsys.readouterr().out
-    assert "From-scratch recipe for random initial weights (cosine schedule, 1-epoch warm-up, CLAHE); " in out
+    assert "From-scratch recipe for random initial weights (cosine schedule, 1-epoch warm-up, CLAHE, intensity" in out
     assert "Using different learning rates: Backbone 1.00e-03, Classifier 1.00e-03" in out
     best = load_checkpoint(ckpt / "best_resnet50_tb_full_trained.pth")
     assert best["epoch"] == best["best_epoch"] == 2  # --selection last: the schedule's end

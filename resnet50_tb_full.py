@@ -141,7 +141,8 @@ TRANSFER_DEFAULTS = dict(
     lr=1e-3, batch_size=32, checkpoint_dir=TRANSFER_LEARNING.checkpoint_dir, experiment=TRANSFER_LEARNING.experiment
 )
 # From random weights the original design's rates barely move the backbone; this recipe was chosen by
-# measurement on a second hospital (README: "Training from random weights").
+# measurement on a second collection (README: "Training from random weights"): over 5 seeds, CLAHE and the
+# intensity augmentation raised the external AUC by 0.057 and lowered the internal one.
 FROM_SCRATCH_DEFAULTS = dict(
     recipe="from-scratch",
     lr=1e-3,

@@ -141,10 +141,19 @@ class RunLogger:
                 self.go_offline(exc, f"the run's status stays as it was; records are kept in {self.pending_path}")
 
 
-def experiment_id(client, name: str) -> str:
-    """The id of the named MLflow experiment, created when missing."""
+def experiment_id(client, name: str, tracking_uri: str) -> str:
+    """The id of the named MLflow experiment, created when missing.
+
+    A new experiment in a sqlite store keeps its artifacts in `mlruns/` beside the database file,
+    not in MLflow's default `./mlruns` of whatever folder the script was started from.
+    """
     found = client.get_experiment_by_name(name)
-    return found.experiment_id if found else client.create_experiment(name)
+    if found:
+        return found.experiment_id
+    artifacts = None
+    if tracking_uri.startswith("sqlite:///"):
+        artifacts = (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlruns" / name).as_uri()
+    return client.create_experiment(name, artifact_location=artifacts)
 
 
 def fail_over_quickly() -> None:
@@ -159,7 +168,7 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict, p
 
     fail_over_quickly()
     logger = RunLogger(tracking_uri, "", pending_path)
-    run = logger.client.create_run(experiment_id(logger.client, experiment), run_name=run_name)
+    run = logger.client.create_run(experiment_id(logger.client, experiment, tracking_uri), run_name=run_name)
     logger.run_id = run.info.run_id
     pending_path.unlink(missing_ok=True)  # a queue left by an earlier run belongs to that run
     logger.client.log_batch(logger.run_id, params=[Param(k, str(v)) for k, v in params.items()])
@@ -214,7 +223,7 @@ def log_evaluation_run(
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    run = client.create_run(experiment_id(client, experiment), run_name=run_name)
+    run = client.create_run(experiment_id(client, experiment, tracking_uri), run_name=run_name)
     now = int(time.time() * 1000)
     client.log_batch(
         run.info.run_id,

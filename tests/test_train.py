@@ -102,6 +102,9 @@ def test_two_epochs_write_every_checkpoint_summary_and_mlflow_run(tmp_path, orga
         "test/classification_report.txt",
     }
     assert client.search_logged_models([run.info.experiment_id])[0].source_run_id == run.info.run_id
+    # Artifacts and the logged model sit beside the sqlite file, not in the folder pytest started in.
+    assert run.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri())
+    assert (tmp_path / "mlruns" / "ResNet50_TB_FullTraining").is_dir()
 
     # --resume continues the same run from the saved epoch.
     trainer.main(["--resume", str(ckpt_dir / "last.pth"), "--epochs", "3"])

@@ -391,7 +391,9 @@ def main(argv: list[str] | None = None) -> dict:
     if config.images:
         samples = samples_from_paths(config.images)
     else:
-        samples = first_per_class(held_out_samples(checkpoint_path, config.data_dir)[0], config.num_images)
+        samples = first_per_class(
+            held_out_samples(checkpoint_path, config.data_dir, checkpoint=checkpoint)[0], config.num_images
+        )
     print(
         f"GradCAM ({config.method}) for {checkpoint_path} [{profile.gradcam_label}] "
         f"on {len(samples)} images, device {device}"

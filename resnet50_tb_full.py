@@ -302,7 +302,7 @@ def prepare_data(run: Run, resumed: dict | None) -> None:
         )
     with runtime.main_process_first(run.dist):
         if resumed is not None:
-            run.manifest = evaluation.manifest_beside(run.last_path, resumed) or read_json(run.manifest_path)
+            run.manifest = evaluation.manifest_beside(run.last_path, resumed, required=True)
         elif not run.dist.is_main:
             run.manifest = read_json(run.manifest_path)
         else:

@@ -111,11 +111,13 @@ def leave_out_by_path(samples, root: Path, manifest: dict) -> tuple[list, dict[s
     return split_by_reason(samples, reasons)
 
 
-def manifest_beside(checkpoint_path: Path, checkpoint: dict | None = None) -> dict | None:
-    """The split manifest in a checkpoint's folder (None if there is none), refused when it is not the split
-    the checkpoint was trained on (another run or --prepare-only in the same folder replaced it)."""
+def manifest_beside(checkpoint_path: Path, checkpoint: dict | None = None, required: bool = False) -> dict | None:
+    """The split manifest in a checkpoint's folder (None if there is none; an error if `required`), refused
+    when it is not the split the checkpoint was trained on (another run or --prepare-only replaced it)."""
     path = Path(checkpoint_path).parent / MANIFEST_NAME
     if not path.is_file():
+        if required:
+            raise SystemExit(f"error: no {MANIFEST_NAME} beside {checkpoint_path}: the split it was trained on is lost")
         return None
     manifest = read_json(path)
     recorded = (checkpoint or load_checkpoint(checkpoint_path)).get("split_digest")
@@ -127,16 +129,19 @@ def manifest_beside(checkpoint_path: Path, checkpoint: dict | None = None) -> di
     return manifest
 
 
-def held_out_samples(checkpoint_path: Path, data_dir: str = "", workers: int = 2) -> tuple[list, str]:
+def held_out_samples(
+    checkpoint_path: Path, data_dir: str = "", workers: int = 2, checkpoint: dict | None = None
+) -> tuple[list, str]:
     """The labelled images to test a checkpoint on, and where they come from.
 
     Without DIR: the test side of the split manifest beside the checkpoint. With DIR: its test/
     side (organized layout) or all of it (raw layout: the folder the checkpoint was trained on, or
     another hospital's), minus every exact or near copy of an image the manifest records as training,
     validation or split-removed content. Content, not paths: a moved or copied folder is still
-    recognised. The console says how many images were left out and why."""
+    recognised. The console says how many images were left out and why. Pass the loaded checkpoint
+    when you hold it: it is read from disk otherwise."""
     manifest_path = Path(checkpoint_path).parent / MANIFEST_NAME
-    manifest = manifest_beside(checkpoint_path)
+    manifest = manifest_beside(checkpoint_path, checkpoint)
     if not data_dir:
         if manifest is None:
             raise SystemExit(
@@ -170,9 +175,9 @@ def held_out_samples(checkpoint_path: Path, data_dir: str = "", workers: int = 2
     return samples, source
 
 
-def refuse_trained_on(samples, checkpoint_path: Path, workers: int) -> None:
+def refuse_trained_on(samples, checkpoint_path: Path, checkpoint: dict, workers: int) -> None:
     """--compare: stop when the second checkpoint trained or validated on any of the evaluated images."""
-    manifest = manifest_beside(checkpoint_path) or {}
+    manifest = manifest_beside(checkpoint_path, checkpoint) or {}
     if "content_sha1" not in manifest:
         raise SystemExit(
             f"error: {checkpoint_path} has no split manifest recording image content beside it, so "
@@ -286,7 +291,7 @@ def run_test_only(checkpoint_path: Path, data_dir: str, scoring: Scoring, tracki
     """--test-only: evaluate one checkpoint on one labelled folder, with intervals and figures."""
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
-    samples, source = held_out_samples(checkpoint_path, data_dir, scoring.num_workers or 2)
+    samples, source = held_out_samples(checkpoint_path, data_dir, scoring.num_workers or 2, checkpoint)
     name = Path(data_dir).resolve().name if data_dir else "test"
     print(f"Evaluating {checkpoint_path} on {len(samples)} images: {source}")
     labels, probs, report = score_checkpoint(checkpoint, samples, scoring)
@@ -402,8 +407,8 @@ def compare_checkpoints(paths: list[Path], data_dir: str, scoring: Scoring, trac
     """--compare A B: both checkpoints on the same images; reports/comparison.md plus figures."""
     paths = [Path(p) for p in paths]
     checkpoints = [load_checkpoint(p) for p in paths]
-    samples, source = held_out_samples(paths[0], data_dir, scoring.num_workers or 2)
-    refuse_trained_on(samples, paths[1], scoring.num_workers or 2)
+    samples, source = held_out_samples(paths[0], data_dir, scoring.num_workers or 2, checkpoints[0])
+    refuse_trained_on(samples, paths[1], checkpoints[1], scoring.num_workers or 2)
     labels_of = [profile_of(c).gradcam_label for c in checkpoints]
     names = [f"{label} ({path.name})" for label, path in zip(labels_of, paths)]
     print(f"Comparing {names[0]} and {names[1]} on {len(samples)} images: {source}")

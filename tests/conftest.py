@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny generated X-ray folders, the real shared data when present,
-and a real `mlflow server` on a free loopback port."""
+"""Shared fixtures: tiny generated X-ray folders, the real shared data when present, a check that
+the repository is left clean, and a real `mlflow server` on a free loopback port."""
 
 from __future__ import annotations
 
@@ -25,6 +25,16 @@ from tbcxr.tracking import server_answers  # noqa: E402
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # Tiny, fast CPU runs: 32 px, small batches, no worker processes, random weights.
 TINY = "--image-size 32 --batch-size 8 --num-workers 0 --weights none --recipe original".split()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_left_clean():
+    """Tests write under pytest's temporary folders only: a sqlite store's default artifact folder
+    once put 1.8 GB of MLflow artifacts into the repository."""
+    before = set(ROOT.iterdir())
+    yield
+    written = {path.name for path in set(ROOT.iterdir()) - before} - {"__pycache__", ".pytest_cache"}
+    assert not written, f"the tests wrote {sorted(written)} into {ROOT}"
 
 
 def shared_data(name: str) -> Path:

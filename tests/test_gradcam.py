@@ -41,12 +41,10 @@ def trained_layout(tmp_path):
 
 
 def test_outputs_index_comparison_and_mlflow_artifacts(tmp_path, trained_layout, capsys):
-    import mlflow
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run() as run:
-        pass
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("training", artifact_location=(tmp_path / "mlruns").as_uri())
+    run = client.create_run(experiment)
     _, ckpt_dir = trained_layout
     best = save_tiny_checkpoint(
         ckpt_dir / "best_resnet50_tb_full_trained.pth", mlflow_run_id=run.info.run_id, tracking_uri=uri
@@ -92,7 +90,7 @@ def test_outputs_index_comparison_and_mlflow_artifacts(tmp_path, trained_layout,
     console = capsys.readouterr().out
     assert "Faithfulness (ROAD combined, higher is better): Normal" in console
     assert f"logged {len(names)} files to MLflow run {run.info.run_id}" in console
-    logged = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "gradcam")}
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "gradcam")}
     assert logged == {f"gradcam/{name}" for name in names}
     assert len(result["images"]) == 4
 

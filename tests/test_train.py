@@ -153,6 +153,14 @@ def test_explicit_tracking_uri_that_does_not_answer_stops_before_training(tmp_pa
     assert "Epoch 1" not in result.stdout
 
 
+def test_resume_without_the_split_manifest_says_the_split_is_lost(tmp_path, trained_run):
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "last.pth").symlink_to(trained_run["best"].parent / "last.pth")
+    with pytest.raises(SystemExit, match="no split_manifest.json beside .*the split it was trained on is lost"):
+        trainer.main(["--resume", str(moved / "last.pth"), "--checkpoint-dir", str(moved), "--epochs", "3"])
+
+
 @pytest.mark.parametrize("script", ["resnet50_tb_full.py", "resnet50_gradcam_tb_full.py"])
 def test_help_lists_every_flag_with_its_default(script):
     import dataclasses

@@ -180,15 +180,21 @@ def test_each_image_is_decoded_once_and_an_unchanged_set_not_again(tmp_path, dec
     assert resplit["val"] != manifest["val"] and not [path for path in decodes if path.endswith("empty.png")]
     assert f"Checking images: {len(files)} images unchanged" in output  # the scan, and only the scan, read back
     assert output.count("unchanged, results read from") == 1
+    assert "Removed 2 cache files of earlier preparations" in output  # training and validation: test/ is fixed
+    assert {path.name for path in (tmp_path / "cache").glob("decoded_*.npy")} == set(resplit["preparation"]["caches"])
     decodes.clear()
 
     before = set((tmp_path / "cache").glob("decoded_*.npy"))
+    scan_before = set((tmp_path / "cache").glob("scan_*.npz"))
     changed = sorted((data / "test" / "Tuberculosis").iterdir())[0]
     Image.fromarray(np.full((40, 40), 7, dtype=np.uint8), mode="L").save(changed)
-    prepare_and_load(data, tmp_path)
+    prepare_and_load(data, tmp_path, seed=2)
     assert sorted(decodes) == files  # a changed file: scanned afresh, still once per image
     new = set((tmp_path / "cache").glob("decoded_*.npy")) - before
     assert [path.name.split("_")[:3] for path in new] == [["decoded", "32px", "6"]]  # the test side's (6) only
+    assert len(set((tmp_path / "cache").glob("decoded_*.npy")) - new) == 2  # the old test side's cache went
+    scans = set((tmp_path / "cache").glob("scan_*.npz"))
+    assert len(scans) == 1 and not scans & scan_before  # so did the scan of the files as they were
 
 
 @pytest.mark.parametrize("change", ["val_fraction", "dedup", "image_size", "added_file", "deleted_cache"])

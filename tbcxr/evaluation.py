@@ -117,10 +117,15 @@ def manifest_beside(checkpoint_path: Path, checkpoint: dict | None = None, requi
     path = Path(checkpoint_path).parent / MANIFEST_NAME
     if not path.is_file():
         if required:
-            raise SystemExit(f"error: no {MANIFEST_NAME} beside {checkpoint_path}: the split it was trained on is lost")
+            raise SystemExit(
+                f"error: no {MANIFEST_NAME} beside {checkpoint_path}, so the split it was trained on is unknown: "
+                "pass --checkpoint-dir with the folder that holds the checkpoint and its split manifest"
+            )
         return None
     manifest = read_json(path)
-    recorded = (checkpoint or load_checkpoint(checkpoint_path)).get("split_digest")
+    if checkpoint is None:
+        checkpoint = load_checkpoint(checkpoint_path)
+    recorded = checkpoint.get("split_digest")
     if recorded is not None and recorded != split_digest(manifest):
         raise SystemExit(
             f"error: {path} is not the split {checkpoint_path} was trained on: a later run or --prepare-only "
@@ -130,7 +135,7 @@ def manifest_beside(checkpoint_path: Path, checkpoint: dict | None = None, requi
 
 
 def held_out_samples(
-    checkpoint_path: Path, data_dir: str = "", workers: int = 2, checkpoint: dict | None = None
+    checkpoint_path: Path, data_dir: str = "", workers: int = 2, *, checkpoint: dict | None = None
 ) -> tuple[list, str]:
     """The labelled images to test a checkpoint on, and where they come from.
 
@@ -175,7 +180,7 @@ def held_out_samples(
     return samples, source
 
 
-def refuse_trained_on(samples, checkpoint_path: Path, checkpoint: dict, workers: int) -> None:
+def refuse_trained_on(samples, checkpoint_path: Path, workers: int, *, checkpoint: dict) -> None:
     """--compare: stop when the second checkpoint trained or validated on any of the evaluated images."""
     manifest = manifest_beside(checkpoint_path, checkpoint) or {}
     if "content_sha1" not in manifest:
@@ -291,7 +296,7 @@ def run_test_only(checkpoint_path: Path, data_dir: str, scoring: Scoring, tracki
     """--test-only: evaluate one checkpoint on one labelled folder, with intervals and figures."""
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
-    samples, source = held_out_samples(checkpoint_path, data_dir, scoring.num_workers or 2, checkpoint)
+    samples, source = held_out_samples(checkpoint_path, data_dir, scoring.num_workers or 2, checkpoint=checkpoint)
     name = Path(data_dir).resolve().name if data_dir else "test"
     print(f"Evaluating {checkpoint_path} on {len(samples)} images: {source}")
     labels, probs, report = score_checkpoint(checkpoint, samples, scoring)
@@ -407,8 +412,8 @@ def compare_checkpoints(paths: list[Path], data_dir: str, scoring: Scoring, trac
     """--compare A B: both checkpoints on the same images; reports/comparison.md plus figures."""
     paths = [Path(p) for p in paths]
     checkpoints = [load_checkpoint(p) for p in paths]
-    samples, source = held_out_samples(paths[0], data_dir, scoring.num_workers or 2, checkpoints[0])
-    refuse_trained_on(samples, paths[1], checkpoints[1], scoring.num_workers or 2)
+    samples, source = held_out_samples(paths[0], data_dir, scoring.num_workers or 2, checkpoint=checkpoints[0])
+    refuse_trained_on(samples, paths[1], scoring.num_workers or 2, checkpoint=checkpoints[1])
     labels_of = [profile_of(c).gradcam_label for c in checkpoints]
     names = [f"{label} ({path.name})" for label, path in zip(labels_of, paths)]
     print(f"Comparing {names[0]} and {names[1]} on {len(samples)} images: {source}")

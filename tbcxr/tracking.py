@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -32,12 +33,23 @@ def server_answers(uri: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite store URI (relative to the current folder, as SQLAlchemy reads it);
+    None for a server or an in-memory database."""
+    if not uri.startswith("sqlite"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    return Path(database) if database and database != ":memory:" else None
+
+
 def store_reachable(uri: str) -> bool:
     """Whether an MLflow store can be used from here: a server that answers, or an existing sqlite file."""
     if uri.startswith(("http://", "https://")):
         return server_answers(uri)
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///")).is_file()
+    if database := sqlite_file(uri):
+        return database.is_file()
     return bool(uri)
 
 
@@ -144,15 +156,16 @@ class RunLogger:
 def experiment_id(client, name: str, tracking_uri: str) -> str:
     """The id of the named MLflow experiment, created when missing.
 
-    A new experiment in a sqlite store keeps its artifacts in `mlruns/` beside the database file,
-    not in MLflow's default `./mlruns` of whatever folder the script was started from.
+    A new experiment in a sqlite store keeps its artifacts in `mlruns/<name>/` beside the database
+    file, not in MLflow's default `./mlruns` of whatever folder the script was started from.
     """
     found = client.get_experiment_by_name(name)
     if found:
         return found.experiment_id
     artifacts = None
-    if tracking_uri.startswith("sqlite:///"):
-        artifacts = (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlruns" / name).as_uri()
+    if database := sqlite_file(tracking_uri):
+        folder = re.sub(r"[^\w.-]+", "_", name).strip("._") or "experiment"  # one folder, whatever the name
+        artifacts = (database.resolve().parent / "mlruns" / folder).as_uri()
     return client.create_experiment(name, artifact_location=artifacts)
 
 

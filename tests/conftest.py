@@ -27,14 +27,32 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 TINY = "--image-size 32 --batch-size 8 --num-workers 0 --weights none --recipe original".split()
 
 
+def repository_files() -> dict[str, int]:
+    """{path: modification time} of the files in the repository, less git, environments and caches."""
+    unwatched = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", "venv"}
+    files = {}
+    for folder, subfolders, names in os.walk(ROOT):
+        subfolders[:] = [
+            name
+            for name in subfolders
+            if name not in unwatched
+            and not name.startswith(".venv")
+            and Path(folder, name) != ROOT / "benchmarks" / "data"
+        ]
+        for name in names:
+            path = os.path.join(folder, name)
+            files[os.path.relpath(path, ROOT)] = os.stat(path).st_mtime_ns
+    return files
+
+
 @pytest.fixture(scope="session", autouse=True)
 def repository_left_clean():
     """Tests write under pytest's temporary folders only: a sqlite store's default artifact folder
     once put 1.8 GB of MLflow artifacts into the repository."""
-    before = set(ROOT.iterdir())
+    before = repository_files()
     yield
-    written = {path.name for path in set(ROOT.iterdir()) - before} - {"__pycache__", ".pytest_cache"}
-    assert not written, f"the tests wrote {sorted(written)} into {ROOT}"
+    written = sorted(path for path, modified in repository_files().items() if before.get(path) != modified)
+    assert not written, f"the tests wrote {len(written)} files into {ROOT}: {written[:5]}"
 
 
 def shared_data(name: str) -> Path:

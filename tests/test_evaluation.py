@@ -4,6 +4,7 @@ external test sets and the transfer-vs-full comparison report."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from sklearn.metrics import confusion_matrix
 
 import resnet50_gradcam_tb_full as gradcam
 import resnet50_tb_full as trainer
-from tbcxr import figures
+from tbcxr import evaluation, figures
 from tbcxr.checkpoint import load_checkpoint, model_from_checkpoint, read_json
 from tbcxr.config import MANIFEST_NAME
 from tbcxr.data import XrayDataset, eval_transform, manifest_samples
@@ -57,7 +58,19 @@ def val_predictions(trained_run):
     return checkpoint, labels, probs
 
 
-def test_thresholds_chosen_on_validation_are_stored_and_applied(trained_run, capsys):
+def count_checkpoint_loads(monkeypatch) -> list:
+    """The paths tbcxr.evaluation reads checkpoints from, in order (each read is ~190 MB for a ResNet50)."""
+    loads = []
+
+    def counted(path):
+        loads.append(Path(path))
+        return load_checkpoint(path)
+
+    monkeypatch.setattr(evaluation, "load_checkpoint", counted)
+    return loads
+
+
+def test_thresholds_chosen_on_validation_are_stored_and_applied(trained_run, capsys, monkeypatch):
     checkpoint, labels, probs = val_predictions(trained_run)
     stored = checkpoint["thresholds"]
     assert stored == pytest.approx(select_thresholds(labels, probs))
@@ -71,6 +84,7 @@ def test_thresholds_chosen_on_validation_are_stored_and_applied(trained_run, cap
         )
     )
 
+    loads = count_checkpoint_loads(monkeypatch)
     report = trainer.main(
         [
             "--test-only",
@@ -83,6 +97,7 @@ def test_thresholds_chosen_on_validation_are_stored_and_applied(trained_run, cap
         ]
     )
     assert {name: entry["threshold"] for name, entry in report["thresholds"].items()} == stored
+    assert loads == [trained_run["best"]]  # the split check uses the checkpoint already in memory
     test_labels, test_probs = predict_checkpoint(
         checkpoint, held_out_samples(trained_run["best"], str(trained_run["data"]))[0], torch.device("cpu"), 16, 0
     )
@@ -186,11 +201,13 @@ def test_external_flat_folder_is_used_whole_with_figures_and_mlflow_run(trained_
 def test_comparing_a_checkpoint_with_itself(trained_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     best = str(trained_run["best"])
+    loads = count_checkpoint_loads(monkeypatch)
 
     comparison = trainer.main(
         ["--compare", best, best, "--bootstrap-resamples", "100", "--tracking-uri", trained_run["uri"]]
     )
 
+    assert loads == [trained_run["best"]] * 2  # each once: the split checks use them
     a, b = comparison["reports"]
     assert a["thresholds"] == b["thresholds"]
     assert comparison["auc_difference"]["difference"] == 0.0 and comparison["auc_difference"]["p_value"] == 1.0

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 import resnet50_tb_full as trainer
 from tbcxr.checkpoint import model_from_checkpoint
 from tbcxr.demo import make_demo_dataset
+from tbcxr.tracking import experiment_id
 
 TINY = ["--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--weights", "none", "--recipe", "original"]
 
@@ -103,8 +104,9 @@ def test_two_epochs_write_every_checkpoint_summary_and_mlflow_run(tmp_path, orga
     }
     assert client.search_logged_models([run.info.experiment_id])[0].source_run_id == run.info.run_id
     # Artifacts and the logged model sit beside the sqlite file, not in the folder pytest started in.
-    assert run.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri())
-    assert (tmp_path / "mlruns" / "ResNet50_TB_FullTraining").is_dir()
+    artifacts_root = (tmp_path / "mlruns" / "ResNet50_TB_FullTraining").as_uri()
+    assert run.info.artifact_uri.startswith(artifacts_root)
+    assert client.search_logged_models([run.info.experiment_id])[0].artifact_location.startswith(artifacts_root)
 
     # --resume continues the same run from the saved epoch.
     trainer.main(["--resume", str(ckpt_dir / "last.pth"), "--epochs", "3"])
@@ -112,6 +114,26 @@ def test_two_epochs_write_every_checkpoint_summary_and_mlflow_run(tmp_path, orga
     assert "Resumed from" in out and "Epoch 3: Loss=" in out and "Epoch 1: Loss=" not in out
     assert metric_steps(client, run.info.run_id, "val_loss") == [1, 2, 3]
     assert torch.load(ckpt_dir / "last.pth", weights_only=True)["epoch"] == 3
+
+
+@pytest.mark.parametrize(
+    ("uri", "name", "folder"),
+    [
+        ("sqlite:///mlflow.db", "ResNet50_TB_FullTraining", "ResNet50_TB_FullTraining"),  # relative to the cwd
+        ("sqlite:///store/m.db?timeout=5", "/Users/me/tb run", "Users_me_tb_run"),  # MLflow's path-like names
+        ("sqlite:///store/m.db", "../..", "experiment"),
+    ],
+)
+def test_a_new_sqlite_experiment_keeps_artifacts_in_one_folder_beside_the_database(
+    tmp_path, monkeypatch, uri, name, folder
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "store").mkdir()
+    client = MlflowClient(uri)
+    experiment = client.get_experiment(experiment_id(client, name, uri))
+    database_folder = tmp_path / "store" if "store" in uri else tmp_path
+    assert experiment.name == name
+    assert experiment.artifact_location == (database_folder / "mlruns" / folder).as_uri()
 
 
 def test_run_against_a_real_mlflow_server(tmp_path, organized_data, mlflow_server):
@@ -153,11 +175,11 @@ def test_explicit_tracking_uri_that_does_not_answer_stops_before_training(tmp_pa
     assert "Epoch 1" not in result.stdout
 
 
-def test_resume_without_the_split_manifest_says_the_split_is_lost(tmp_path, trained_run):
+def test_resume_without_the_split_manifest_says_the_split_is_unknown(tmp_path, trained_run):
     moved = tmp_path / "moved"
     moved.mkdir()
     (moved / "last.pth").symlink_to(trained_run["best"].parent / "last.pth")
-    with pytest.raises(SystemExit, match="no split_manifest.json beside .*the split it was trained on is lost"):
+    with pytest.raises(SystemExit, match="no split_manifest.json beside .*the split it was trained on is unknown"):
         trainer.main(["--resume", str(moved / "last.pth"), "--checkpoint-dir", str(moved), "--epochs", "3"])
 
 

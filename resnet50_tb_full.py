@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -66,7 +66,7 @@ from tbcxr.model import (
 )
 from tbcxr.progress import track
 from tbcxr.tracking import log_model
-from tbcxr.training import NonFiniteLossError, Run, load_resumable, loss_function
+from tbcxr.training import NonFiniteLossError, Run, fixed_on_resume, load_resumable, loss_function
 
 
 @dataclass
@@ -152,7 +152,6 @@ FROM_SCRATCH_DEFAULTS = dict(
     intensity_augment=True,
     selection="last",
 )
-COSINE_LENGTH = ("epochs", "schedule", "warmup_epochs")  # what lays out a cosine schedule
 DEMO_DEFAULTS = dict(
     data_dir=DEMO_DATA_DIR, epochs=6, image_size=64, weights="none", lr=1e-3, backbone_lr_mult=1.0, num_workers=0
 )
@@ -170,17 +169,16 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     given = vars(parser.parse_args(argv))
     if given.get("test_only") and not given.get("resume"):
         parser.error("--test-only needs --resume CKPT, the checkpoint to evaluate")
-    layered: dict = {}
-    if os.environ.get("TB_DATA_DIR"):
+    # Evaluation scores the split manifest's test side unless --data-dir is typed: no saved or environment folder.
+    evaluating, layered, defaults = bool(given.get("test_only") or given.get("compare")), {}, asdict(TrainConfig())
+    if os.environ.get("TB_DATA_DIR") and not evaluating:
         layered["data_dir"] = os.environ["TB_DATA_DIR"]
-    if given.get("resume"):
-        saved = dict(load_checkpoint(given["resume"])["config"])
-        saved.pop("resume", None)
+    if given.get("resume") and not evaluating:  # settings of earlier versions that no longer exist are dropped
+        saved = {k: v for k, v in load_checkpoint(given["resume"])["config"].items() if k in defaults and k != "resume"}
         layered |= saved
-        if saved.get("schedule") == "cosine" and any(given.get(k, saved[k]) != saved[k] for k in COSINE_LENGTH):
-            parser.error("a cosine schedule is laid out by --epochs and --warmup-epochs: resume it unchanged")
-        if given.get("selection", saved.get("selection", "auc")) != saved.get("selection", "auc"):
-            parser.error("--selection cannot change on resume: the best checkpoint so far was chosen by another rule")
+        for key, reason in fixed_on_resume(defaults | saved).items():
+            if key in given and given[key] != (defaults | saved)[key]:
+                parser.error(f"--{key.replace('_', '-')} cannot change on resume: {reason}")
     else:
         if given.get("freeze_features"):
             layered |= TRANSFER_DEFAULTS
@@ -355,17 +353,16 @@ def restore_or_start(run: Run, resumed: dict | None) -> bool:
     if resumed:
         run.restore(resumed)
         print(f"Resumed from {run.config.resume} after epoch {run.state.epoch}")
-    if not run.dist.is_main:
-        return True
-    run.open_tracking(resumed)
-    state = run.state
-    if resumed and state.completed and (state.epoch >= run.config.epochs or run.stopped_early):
+    state = run.state  # every process decides alike: under torchrun they must all stop or all train
+    finished = bool(resumed) and state.completed and (state.epoch >= run.config.epochs or run.stopped_early)
+    if run.dist.is_main:
+        run.open_tracking(resumed)
+    if finished and run.dist.is_main:
         print("That run had already finished; nothing left to train.")
         if not run.logger.offline:
             log_model(run.logger, model_from_checkpoint(load_checkpoint(run.best_path)), run.config.image_size)
             run.logger.set_status("FINISHED")
-        return False
-    return True
+    return not finished
 
 
 def train_and_validate(run: Run, epoch: int) -> None:
@@ -417,11 +414,11 @@ def fit(run: Run, resumed: bool) -> None:
     try:
         if not resumed:  # so that an interrupt during the first epoch still leaves a resumable file
             run.save(run.last_path)
-        for epoch in range(state.epoch + 1, config.epochs + 1):
-            train_and_validate(run, epoch)
-            if run.stopped_early:
-                print(f"Early stopping: no better validation AUC for {config.early_stop_patience} epochs")
-                break
+        # A resumed run that had stopped early (killed while finishing) goes straight to finish().
+        while state.epoch < config.epochs and not run.stopped_early:
+            train_and_validate(run, state.epoch + 1)
+        if run.stopped_early:
+            print(f"Early stopping: no better validation AUC for {config.early_stop_patience} epochs")
     except KeyboardInterrupt:
         run.logger.set_status("KILLED")
         print(f"\nInterrupted. {run.last_path} holds epoch {state.epoch}; resume with:\n  {run.resume_command}")

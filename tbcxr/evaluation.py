@@ -36,7 +36,7 @@ from .metrics import (
     with_intervals,
 )
 from .model import predict_logits
-from .tracking import log_evaluation_run, metric_histories, resolve_tracking_uri
+from .tracking import log_evaluation_run, metric_histories, resolve_tracking_uri, store_reachable
 
 REPORT_METRICS = (
     "accuracy",
@@ -276,6 +276,7 @@ def print_report(report: dict) -> None:
 def report_metrics(report: dict) -> dict[str, float]:
     flat = {}
     for name, entry in report["thresholds"].items():
+        flat[f"{name}_threshold"] = entry["threshold"]  # every number beside the threshold that produced it
         for metric, value in entry["metrics"].items():
             flat |= {
                 f"{name}_{metric}": value["value"],
@@ -319,7 +320,8 @@ def run_test_only(checkpoint_path: Path, data_dir: str, scoring: Scoring, tracki
     else:
         paths.append(training_curves_figure(histories, Path(f"{out}_training_curves.png")))
     profile = profile_of(checkpoint)
-    tracking_uri, _ = resolve_tracking_uri(tracking_uri, profile.port)
+    # The evaluation run goes beside its training run unless --tracking-uri says otherwise.
+    tracking_uri, _ = resolve_tracking_uri(tracking_uri or (uri if store_reachable(uri) else ""), profile.port)
     run_id = log_evaluation_run(
         tracking_uri,
         checkpoint["config"].get("experiment", profile.experiment),

@@ -35,7 +35,8 @@ def autocast_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None
         amp = device.type == "cuda"
     if not amp:
         return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    # Native bf16 from Ampere (compute capability 8) on; older cards (T4, V100) only emulate it, slowly.
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.float16  # needs a GradScaler
     return torch.bfloat16
 

@@ -60,6 +60,17 @@ def load_resumable(path: str) -> dict:
     return checkpoint
 
 
+def fixed_on_resume(saved: dict) -> dict[str, str]:
+    """The settings a resumed run keeps as they were saved, each with the reason."""
+    fixed = {"selection": "the best checkpoint so far was chosen by its rule"}
+    fixed |= dict.fromkeys(("lr", "backbone_lr_mult", "lr_scale"), "the optimizer's saved state holds the rates")
+    if saved["schedule"] == "cosine":
+        fixed |= dict.fromkeys(
+            ("epochs", "schedule", "warmup_epochs"), "they laid out the cosine schedule at the start"
+        )
+    return fixed
+
+
 @dataclass
 class RunState:
     """What the epoch loop changes; saved in every checkpoint, restored by --resume."""
@@ -165,7 +176,8 @@ class Run:
         self.model.load_state_dict(resumed["model"])
         self.optimizer.load_state_dict(resumed["optimizer"])
         self.scheduler.load_state_dict(resumed["scheduler"])
-        self.scaler.load_state_dict(resumed["scaler"])
+        if resumed["scaler"]:  # empty when the run was saved without fp16 (a disabled GradScaler)
+            self.scaler.load_state_dict(resumed["scaler"])
         self.state = RunState(**{key: resumed[key] for key in asdict(RunState()) if key in resumed})
 
     def summary(self, best_epoch: int, test_metrics: dict) -> dict:

@@ -161,6 +161,20 @@ def trained_run(tmp_path_factory):
     return {"root": root, "data": data, "uri": uri, "best": root / "ckpt" / "best_resnet50_tb_full_trained.pth"}
 
 
+def rescored_test_accuracy(checkpoint_dir: Path) -> float:
+    """The best checkpoint's accuracy at 0.5 on its split manifest's test side, scored again from the files."""
+    import torch
+
+    from tbcxr.checkpoint import load_checkpoint, read_json
+    from tbcxr.data import manifest_samples
+    from tbcxr.evaluation import predict_checkpoint
+
+    samples = manifest_samples(read_json(checkpoint_dir / "split_manifest.json"), "test")
+    best = load_checkpoint(checkpoint_dir / "best_resnet50_tb_full_trained.pth")
+    labels, probs = predict_checkpoint(best, samples, torch.device("cpu"), 16, 0)
+    return float(np.mean((probs >= 0.5) == labels))
+
+
 def learning_metrics(history: list[dict]) -> list[dict]:
     """Per-epoch history without the timing entries, which differ from run to run by nature."""
     timing = ("train_images_per_second", "train_data_wait_fraction")

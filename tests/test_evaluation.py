@@ -59,14 +59,15 @@ def val_predictions(trained_run):
 
 
 def count_checkpoint_loads(monkeypatch) -> list:
-    """The paths tbcxr.evaluation reads checkpoints from, in order (each read is ~190 MB for a ResNet50)."""
+    """The paths the trainer and tbcxr.evaluation read checkpoints from, in order (a ResNet50's is ~190 MB)."""
     loads = []
 
     def counted(path):
         loads.append(Path(path))
         return load_checkpoint(path)
 
-    monkeypatch.setattr(evaluation, "load_checkpoint", counted)
+    for module in (trainer, evaluation):
+        monkeypatch.setattr(module, "load_checkpoint", counted)
     return loads
 
 
@@ -196,6 +197,8 @@ def test_external_flat_folder_is_used_whole_with_figures_and_mlflow_run(trained_
     )
     assert len(runs) == 1 and runs[0].data.tags["training_run_id"] == report["training_run_id"]
     assert "default_auc_ci_low" in runs[0].data.metrics
+    for name, entry in report["thresholds"].items():  # each operating point's metrics beside its threshold
+        assert runs[0].data.metrics[f"{name}_threshold"] == pytest.approx(entry["threshold"])
 
 
 def test_comparing_a_checkpoint_with_itself(trained_run, tmp_path, monkeypatch):

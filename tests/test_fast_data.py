@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, write_xrays
+from conftest import TINY, rescored_test_accuracy, write_xrays
 from torchvision import transforms
 
 import resnet50_tb_full as trainer
@@ -124,4 +124,4 @@ def test_per_image_path_still_trains_end_to_end(tmp_path, organized_data):
     assert (tmp_path / "ckpt" / "best_resnet50_tb_full_trained.pth").is_file()
     history = torch.load(tmp_path / "ckpt" / "last.pth", weights_only=True)["history"]
     assert history[0]["train_images_per_second"] > 0 and 0 <= history[0]["train_data_wait_fraction"] <= 1
-    assert 0 <= summary["test_metrics"]["test_accuracy"] <= 1
+    assert summary["test_metrics"]["test_accuracy"] == pytest.approx(rescored_test_accuracy(tmp_path / "ckpt"))

@@ -15,11 +15,14 @@ from tbcxr.model import (
     IMAGENET_WEIGHTS,
     build_model,
     build_optimizer,
+    build_scheduler,
     count_trainable,
     group_lrs,
     optimizer_steps,
+    step_scheduler,
     train_mode,
 )
+from tbcxr.runtime import autocast_dtype
 
 
 def test_full_training_has_every_parameter_trainable():
@@ -45,13 +48,23 @@ def test_optimizer_groups_carry_differential_lrs_and_plateau_lowers_both():
     assert {id(p) for p in groups["classifier"]["params"]} == {id(model.fc.weight), id(model.fc.bias)}
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == 23_512_130
 
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1, patience=2)
+    scheduler = build_scheduler(optimizer, "plateau", epochs=30, warmup_epochs=0, plateau_patience=2)
     for _ in range(3):  # improvement, then two flat epochs: within patience
-        scheduler.step(1.0)
+        step_scheduler(scheduler, 1.0)
     assert group_lrs(optimizer)["classifier"] == pytest.approx(1e-4)
-    scheduler.step(1.0)  # third flat epoch exceeds patience 2
+    step_scheduler(scheduler, 1.0)  # third flat epoch exceeds patience 2
     lrs = group_lrs(optimizer)
     assert lrs["backbone"] == pytest.approx(1e-6) and lrs["classifier"] == pytest.approx(1e-5)
+
+
+def test_mixed_precision_uses_fp16_where_a_card_only_emulates_bf16(monkeypatch):
+    def bf16_supported(including_emulation=True):  # a T4 or V100: no native bf16, emulation possible
+        return including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_supported)
+    assert autocast_dtype(torch.device("cuda"), amp=None) == torch.float16
+    assert autocast_dtype(torch.device("cpu"), amp=True) == torch.bfloat16
+    assert autocast_dtype(torch.device("cpu"), amp=None) is None
 
 
 @pytest.fixture

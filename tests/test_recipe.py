@@ -157,7 +157,7 @@ def test_selection_waits_for_a_full_window_and_last_takes_the_latest_epoch():
     assert selection_score(history, 0) > selection_score(history[:1], 0)  # "last": a worse AUC still wins
 
 
-def test_a_from_scratch_run_says_so_and_records_its_preprocessing(tmp_path, capsys):
+def test_a_from_scratch_run_says_so_and_records_its_preprocessing(tmp_path, capsys, monkeypatch):
     data = make_organized(tmp_path / "data", train=8, test=3, size=40)
     ckpt = tmp_path / "ckpt"
     trainer.main(["--data-dir", str(data), "--checkpoint-dir", str(ckpt), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
@@ -173,8 +173,17 @@ def test_a_from_scratch_run_says_so_and_records_its_preprocessing(tmp_path, caps
 
     with pytest.raises(SystemExit):  # a cosine schedule cannot be stretched on resume
         trainer.config_from_args(["--resume", str(ckpt / "last.pth"), "--epochs", "5"])
-    assert "resume it unchanged" in capsys.readouterr().err
+    assert "--epochs cannot change on resume: they laid out the cosine schedule" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # nor can the rule that chose the best checkpoint so far
         trainer.config_from_args(["--resume", str(ckpt / "last.pth"), "--selection", "auc"])
     assert "--selection cannot change on resume" in capsys.readouterr().err
     assert trainer.config_from_args(["--resume", str(ckpt / "last.pth"), "--selection", "last"]).selection == "last"
+    with pytest.raises(SystemExit):  # nor the learning rates: Adam's saved state would override them unseen
+        trainer.config_from_args(["--resume", str(ckpt / "last.pth"), "--lr", "1e-5"])
+    assert "--lr cannot change on resume: the optimizer's saved state holds the rates" in capsys.readouterr().err
+    # Evaluation takes nothing from the saved config: without --data-dir it scores the split manifest's test side.
+    monkeypatch.setenv("TB_DATA_DIR", str(tmp_path / "elsewhere"))
+    assert (
+        trainer.config_from_args(["--test-only", "--resume", str(ckpt / "best_resnet50_tb_full_trained.pth")]).data_dir
+        == ""
+    )

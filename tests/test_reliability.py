@@ -134,6 +134,24 @@ def test_ctrl_c_saves_marks_run_killed_and_prints_resume_command(tmp_path, data)
     assert "Traceback" not in output
 
 
+def test_resuming_a_run_killed_after_it_stopped_early_trains_no_more_epochs(tmp_path, data, capsys):
+    ckpt = tmp_path / "ckpt"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trainer.main(
+        ["--data-dir", str(data), "--epochs", "2", "--checkpoint-dir", str(ckpt), "--tracking-uri", uri, *TINY]
+    )
+    # As if killed while finishing after early stopping: the patience used up, the run not yet completed.
+    saved = torch.load(ckpt / "last.pth", map_location="cpu", weights_only=True)
+    save_checkpoint(saved | {"stale_epochs": 7, "completed": False}, ckpt / "last.pth")
+    capsys.readouterr()
+
+    summary = trainer.main(["--resume", str(ckpt / "last.pth"), "--epochs", "10"])
+
+    out = capsys.readouterr().out
+    assert "Epoch 3:" not in out and "Early stopping: no better validation AUC for 7 epochs" in out
+    assert summary["epochs_trained"] == 2 and history(ckpt / "last.pth") == saved["history"]
+
+
 # --------------------------------------------------------------------------- 3. atomic writes
 def test_failed_checkpoint_write_leaves_previous_file_intact(tmp_path):
     path = tmp_path / "last.pth"
@@ -393,6 +411,14 @@ def test_duplicates_across_splits_are_reported_and_dedup_removes_them(tmp_path, 
     test_names = {Path(rel).name for rel, _ in deduped["test"]}
     assert not {"copy_of_train.png", "brighter_train.png"} & test_names
     assert len(deduped["train"]) == len(manifest["train"])  # train keeps its copy
+
+
+def test_a_test_side_left_without_tuberculosis_once_copies_go_is_an_error(tmp_path, data):
+    tb_train = sorted((data / "train" / "Tuberculosis").iterdir())
+    for i, image in enumerate(sorted((data / "test" / "Tuberculosis").iterdir())):  # each a copy of a training image
+        image.write_bytes(tb_train[i].read_bytes())
+    with pytest.raises(SystemExit, match="no Tuberculosis images left on the test side once copies of training"):
+        prepare(data, tmp_path)
 
 
 @pytest.mark.parametrize(

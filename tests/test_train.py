@@ -9,7 +9,7 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import ROOT, coloured_share, shared_data
+from conftest import ROOT, coloured_share, rescored_test_accuracy, shared_data
 from mlflow.tracking import MlflowClient
 
 import resnet50_tb_full as trainer
@@ -211,7 +211,7 @@ def test_real_data_smoke(tmp_path, dataset):
     assert manifest["layout"] == ("organized" if dataset == "tb-cxr-mini" else "raw")
     expected_total = 402 if dataset == "tb-cxr-mini" else 10
     assert sum(len(manifest[side]) for side in ("train", "val", "test")) == expected_total
-    assert 0.0 <= summary["test_metrics"]["test_accuracy"] <= 1.0
+    assert summary["test_metrics"]["test_accuracy"] == pytest.approx(rescored_test_accuracy(tmp_path / "ckpt"))
 
 
 def test_demo_runs_end_to_end_on_marked_synthetic_data(tmp_path, monkeypatch, capsys):

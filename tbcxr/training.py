@@ -57,6 +57,16 @@ def load_resumable(path: str) -> dict:
             f"error: {path} holds weights only (a best_*.pth file); resume from last.pth or a periodic "
             "checkpoint beside it, which keep the optimizer state"
         )
+    last = Path(path).parent / LAST_CHECKPOINT_NAME
+    if last.is_file() and not last.samefile(path):  # mmap: only the few fields read are loaded
+        latest = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+        if latest.get("mlflow_run_id") == checkpoint.get("mlflow_run_id") and latest["epoch"] > checkpoint["epoch"]:
+            raise SystemExit(
+                f"error: {last} holds epoch {latest['epoch']} of the run {path} is epoch {checkpoint['epoch']} of: "
+                f"going back would log epochs {checkpoint['epoch'] + 1}-{latest['epoch']} into its MLflow run twice "
+                "and keep a best checkpoint chosen among epochs the resumed run drops. Resume from "
+                f"{last}, or score {path} with --test-only"
+            )
     return checkpoint
 
 

@@ -108,6 +108,10 @@ def test_two_epochs_write_every_checkpoint_summary_and_mlflow_run(tmp_path, orga
     assert run.info.artifact_uri.startswith(artifacts_root)
     assert client.search_logged_models([run.info.experiment_id])[0].artifact_location.startswith(artifacts_root)
 
+    # Going back to a periodic checkpoint of the same run is refused: it would log epoch 2 twice.
+    with pytest.raises(SystemExit, match="holds epoch 2 of the run .* is epoch 1 of: going back would log epochs 2-2"):
+        trainer.main(["--resume", str(periodic[0]), "--epochs", "3"])
+
     # --resume continues the same run from the saved epoch.
     trainer.main(["--resume", str(ckpt_dir / "last.pth"), "--epochs", "3"])
     out = capsys.readouterr().out

@@ -357,9 +357,9 @@ def restore_or_start(run: Run, resumed: dict | None) -> bool:
     finished = bool(resumed) and state.completed and (state.epoch >= run.config.epochs or run.stopped_early)
     if run.dist.is_main:
         run.open_tracking(resumed)
-    if finished and run.dist.is_main:
-        print("That run had already finished; nothing left to train.")
-        if not run.logger.offline:
+        if finished:
+            print("That run had already finished; nothing left to train.")
+        if finished and not run.logger.offline:
             log_model(run.logger, model_from_checkpoint(load_checkpoint(run.best_path)), run.config.image_size)
             run.logger.set_status("FINISHED")
     return not finished

@@ -62,9 +62,9 @@ def load_resumable(path: str) -> dict:
         latest = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
         if latest.get("mlflow_run_id") == checkpoint.get("mlflow_run_id") and latest["epoch"] > checkpoint["epoch"]:
             raise SystemExit(
-                f"error: {last} holds epoch {latest['epoch']} of the run {path} is epoch {checkpoint['epoch']} of: "
-                f"going back would log epochs {checkpoint['epoch'] + 1}-{latest['epoch']} into its MLflow run twice "
-                "and keep a best checkpoint chosen among epochs the resumed run drops. Resume from "
+                f"error: {path} is epoch {checkpoint['epoch']} of a run that {last} has carried on to epoch "
+                f"{latest['epoch']}: going back would log the epochs after {checkpoint['epoch']} into its MLflow run "
+                "a second time and keep a best checkpoint chosen among epochs the resumed run drops. Resume from "
                 f"{last}, or score {path} with --test-only"
             )
     return checkpoint

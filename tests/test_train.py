@@ -109,7 +109,10 @@ def test_two_epochs_write_every_checkpoint_summary_and_mlflow_run(tmp_path, orga
     assert client.search_logged_models([run.info.experiment_id])[0].artifact_location.startswith(artifacts_root)
 
     # Going back to a periodic checkpoint of the same run is refused: it would log epoch 2 twice.
-    with pytest.raises(SystemExit, match="holds epoch 2 of the run .* is epoch 1 of: going back would log epochs 2-2"):
+    with pytest.raises(
+        SystemExit,
+        match="is epoch 1 of a run that .*last.pth has carried on to epoch 2: going back would log the epochs after 1",
+    ):
         trainer.main(["--resume", str(periodic[0]), "--epochs", "3"])
 
     # --resume continues the same run from the saved epoch.

@@ -73,7 +73,8 @@ from tbcxr.training import NonFiniteLossError, Run, fixed_on_resume, load_resuma
 class TrainConfig:
     """Every setting of a training run; each field is a command-line flag."""
 
-    data_dir: str = flag("", "data folder, organized train/test or raw Kaggle layout; also read from TB_DATA_DIR")
+    data_dir: str = flag("", "data folder, organized train/test or raw Kaggle layout; also read from TB_DATA_DIR "
+                         "(--test-only, --compare: a folder to score, else the manifest's test side)")  # fmt: skip
     epochs: int = flag(30, "maximum number of epochs", type=positive_int)
     batch_size: int = flag(16, "batch size (32 with --freeze-features)", type=positive_int)
     lr: float = flag(1e-4, "classifier learning rate (1e-3 with --freeze-features)", type=positive_float)
@@ -116,7 +117,8 @@ class TrainConfig:
     strict: bool = flag(False, "stop on unreadable image files instead of skipping them")
     dedup: bool = flag(False, "drop exact and near duplicates of training images from validation and test")
     temperature_scaling: bool = flag(False, "fit a softmax temperature on validation and store it in the checkpoint")
-    test_only: bool = flag(False, "only evaluate the --resume checkpoint on --data-dir (with 95% bootstrap CIs)")
+    test_only: bool = flag(False, "only evaluate the --resume checkpoint (95% bootstrap CIs) on --data-dir, else "
+                           "on its split manifest's test side")  # fmt: skip
     compare: list[str] = flag(
         [], "evaluate two checkpoints on the same images and write reports/comparison.md", nargs=2, metavar="CKPT"
     )
@@ -170,7 +172,8 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     if given.get("test_only") and not given.get("resume"):
         parser.error("--test-only needs --resume CKPT, the checkpoint to evaluate")
     # Evaluation scores the split manifest's test side unless --data-dir is typed: no saved or environment folder.
-    evaluating, layered, defaults = bool(given.get("test_only") or given.get("compare")), {}, asdict(TrainConfig())
+    evaluating = bool(given.get("test_only") or given.get("compare"))
+    layered, defaults = {}, asdict(TrainConfig())
     if os.environ.get("TB_DATA_DIR") and not evaluating:
         layered["data_dir"] = os.environ["TB_DATA_DIR"]
     if given.get("resume") and not evaluating:  # settings of earlier versions that no longer exist are dropped

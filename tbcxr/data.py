@@ -383,7 +383,7 @@ def prepare_manifest(
         data.train = [s for s in data.train if s[0] not in scan.unreadable]
         data.test = None if data.test is None else [s for s in data.test if s[0] not in scan.unreadable]
         for side, samples in (("train", data.train), ("test", data.test or data.train)):
-            refuse_one_class(samples, f"no readable {{}} images left on the {side} side")
+            refuse_one_class(samples, side, "once unreadable files were skipped")
     manifest = make_split_manifest(data, val_fraction, test_fraction, seed)
     manifest["unreadable"] = [[os.path.relpath(p, data.root), reason] for p, reason in sorted(scan.unreadable.items())]
     # What --test-only needs to recognise training images by content (exact and near copies), wherever the
@@ -409,8 +409,8 @@ def prepare_manifest(
         # An exact copy of a training image is never a test image; near copies are the user's call.
         manifest = drop_leaks(manifest, [leak for leak in leaks if dedup or leak["kind"] == "exact"])
         for side in ("val", "test"):  # AUC, thresholds and early stopping need both classes
-            refuse_one_class(manifest[side], f"no {{}} images left on the {side} side once copies of training "
-                             "images were removed from it: add images of that class that are not copies")  # fmt: skip
+            refuse_one_class(manifest[side], side, "once copies of training or validation images were removed "
+                             "from it: add images of that class that are not copies")  # fmt: skip
     manifest["leaks"] = leaks
     caches = [
         decoded_cache(
@@ -443,11 +443,11 @@ def remove_stale_caches(cache_dir: Path, kept: set[str]) -> None:
         print(f"Removed {len(stale)} cache files of earlier preparations from {cache_dir} ({freed / 1e9:.2f} GB)")
 
 
-def refuse_one_class(samples, problem: str) -> None:
-    """Stop when a side holds images of one class only; `problem` names the missing class at {}."""
+def refuse_one_class(samples, side: str, cause: str) -> None:
+    """Stop when a side of the split holds images of one class only (no AUC, thresholds or stratified split)."""
     missing = set(range(len(CLASS_NAMES))) - {label for _, label in samples}
     if missing:
-        raise DataLayoutError(problem.format(CLASS_NAMES[min(missing)]))
+        raise DataLayoutError(f"no {CLASS_NAMES[min(missing)]} images left on the {side} side {cause}")
 
 
 def prepared_manifest(manifest_path: Path, preparation: str, cache_dir: Path) -> dict | None:

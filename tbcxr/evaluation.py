@@ -118,7 +118,7 @@ def manifest_beside(checkpoint_path: Path, checkpoint: dict | None = None, requi
     if not path.is_file():
         if required:
             raise SystemExit(
-                f"error: no {MANIFEST_NAME} beside {checkpoint_path}, so the split it was trained on is unknown: "
+                f"error: no {MANIFEST_NAME} in {path.parent}, so the split the checkpoint was trained on is unknown: "
                 "pass --checkpoint-dir with the folder that holds the checkpoint and its split manifest"
             )
         return None
@@ -298,7 +298,7 @@ def run_test_only(checkpoint_path: Path, data_dir: str, scoring: Scoring, tracki
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
     samples, source = held_out_samples(checkpoint_path, data_dir, scoring.num_workers or 2, checkpoint=checkpoint)
-    name = Path(data_dir).resolve().name if data_dir else "test"
+    name = Path(data_dir).resolve().name if data_dir else "split_test"  # not "test": a folder may be named so
     print(f"Evaluating {checkpoint_path} on {len(samples)} images: {source}")
     labels, probs, report = score_checkpoint(checkpoint, samples, scoring)
     print(format_results("Test", classification_metrics(labels, probs)))
@@ -320,8 +320,9 @@ def run_test_only(checkpoint_path: Path, data_dir: str, scoring: Scoring, tracki
     else:
         paths.append(training_curves_figure(histories, Path(f"{out}_training_curves.png")))
     profile = profile_of(checkpoint)
-    # The evaluation run goes beside its training run unless --tracking-uri says otherwise.
-    tracking_uri, _ = resolve_tracking_uri(tracking_uri or (uri if store_reachable(uri) else ""), profile.port)
+    # --tracking-uri, else MLFLOW_TRACKING_URI, else the training run's store when it answers, else the defaults.
+    explicit = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (uri if store_reachable(uri) else "")
+    tracking_uri, _ = resolve_tracking_uri(explicit, profile.port)
     run_id = log_evaluation_run(
         tracking_uri,
         checkpoint["config"].get("experiment", profile.experiment),

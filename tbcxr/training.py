@@ -45,7 +45,8 @@ class NonFiniteLossError(SystemExit):
     def __init__(self, epoch: int, batch: int, value: float):
         super().__init__(
             f"error: the training loss became {value} at epoch {epoch}, batch {batch}. The best checkpoint is "
-            "untouched. Try a lower learning rate (--lr) or full precision (--no-amp)."
+            "untouched. Start a new run with a lower learning rate (--lr; a resumed run keeps its rates), or "
+            "resume with full precision (--no-amp)."
         )
 
 
@@ -58,8 +59,8 @@ def load_resumable(path: str) -> dict:
             "checkpoint beside it, which keep the optimizer state"
         )
     last = Path(path).parent / LAST_CHECKPOINT_NAME
-    if last.is_file() and not last.samefile(path):  # mmap: only the few fields read are loaded
-        latest = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    if last.is_file() and not last.samefile(path):
+        latest = load_checkpoint(last)
         if latest.get("mlflow_run_id") == checkpoint.get("mlflow_run_id") and latest["epoch"] > checkpoint["epoch"]:
             raise SystemExit(
                 f"error: {path} is epoch {checkpoint['epoch']} of a run that {last} has carried on to epoch "
@@ -74,10 +75,9 @@ def fixed_on_resume(saved: dict) -> dict[str, str]:
     """The settings a resumed run keeps as they were saved, each with the reason."""
     fixed = {"selection": "the best checkpoint so far was chosen by its rule"}
     fixed |= dict.fromkeys(("lr", "backbone_lr_mult", "lr_scale"), "the optimizer's saved state holds the rates")
+    fixed |= dict.fromkeys(("schedule", "scheduler_patience"), "the scheduler's saved state holds it")
     if saved["schedule"] == "cosine":
-        fixed |= dict.fromkeys(
-            ("epochs", "schedule", "warmup_epochs"), "they laid out the cosine schedule at the start"
-        )
+        fixed |= dict.fromkeys(("epochs", "warmup_epochs"), "they laid out the cosine schedule at the start")
     return fixed
 
 

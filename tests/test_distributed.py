@@ -109,6 +109,14 @@ def test_two_process_torchrun_writes_one_set_of_outputs_and_evaluates_the_whole_
         assert logged[f"val_{key}"] == pytest.approx(single[key], abs=1e-9), key
     assert logged["val_loss"] == pytest.approx(single["loss"], rel=1e-5)
 
+    # Resuming the finished run under torchrun: every process stops; none is left waiting for the others.
+    resumed = subprocess.run(
+        [*torchrun(2), str(ROOT / "resnet50_tb_full.py"), "--resume", str(ckpt / "last.pth")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "nothing left to train" in resumed.stdout and "Epoch 3" not in resumed.stdout
+
 
 def test_one_process_torchrun_equals_a_plain_run(data, tmp_path):
     run(torchrun(1), data, tmp_path, "torchrun1")

@@ -86,19 +86,17 @@ def test_thresholds_chosen_on_validation_are_stored_and_applied(trained_run, cap
     )
 
     loads = count_checkpoint_loads(monkeypatch)
-    report = trainer.main(
-        [
-            "--test-only",
-            "--resume",
-            str(trained_run["best"]),
-            "--bootstrap-resamples",
-            "50",
-            "--tracking-uri",
-            trained_run["uri"],
-        ]
-    )
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    report = trainer.main(["--test-only", "--resume", str(trained_run["best"]), "--bootstrap-resamples", "50"])
     assert {name: entry["threshold"] for name, entry in report["thresholds"].items()} == stored
     assert loads == [trained_run["best"]]  # the split check uses the checkpoint already in memory
+    # No --tracking-uri: the evaluation run goes to the training run's store, named for the manifest's test side.
+    client = MlflowClient(trained_run["uri"])
+    (evaluation_run,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], filter_string="attributes.run_name = 'eval-split_test'"
+    )
+    assert evaluation_run.data.tags["training_run_id"] == report["training_run_id"]
+    assert (trained_run["best"].parent / "eval_split_test.json").is_file()
     test_labels, test_probs = predict_checkpoint(
         checkpoint, held_out_samples(trained_run["best"], str(trained_run["data"]))[0], torch.device("cpu"), 16, 0
     )

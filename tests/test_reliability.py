@@ -348,7 +348,9 @@ def test_unreadable_files_are_listed_once_and_skipped_or_refused(tmp_path, data,
 def test_class_left_empty_after_skipping_is_an_error(tmp_path, data):
     for path in (data / "test" / "Tuberculosis").iterdir():
         path.write_bytes(b"")
-    with pytest.raises(SystemExit, match="no readable Tuberculosis images left on the test side"):
+    with pytest.raises(
+        SystemExit, match="no Tuberculosis images left on the test side once unreadable files were skipped"
+    ):
         prepare(data, tmp_path)
 
 
@@ -417,7 +419,9 @@ def test_a_test_side_left_without_tuberculosis_once_copies_go_is_an_error(tmp_pa
     tb_train = sorted((data / "train" / "Tuberculosis").iterdir())
     for i, image in enumerate(sorted((data / "test" / "Tuberculosis").iterdir())):  # each a copy of a training image
         image.write_bytes(tb_train[i].read_bytes())
-    with pytest.raises(SystemExit, match="no Tuberculosis images left on the test side once copies of training"):
+    with pytest.raises(
+        SystemExit, match="no Tuberculosis images left on the test side once copies of training or validation images"
+    ):
         prepare(data, tmp_path)
 
 

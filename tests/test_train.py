@@ -186,7 +186,9 @@ def test_resume_without_the_split_manifest_says_the_split_is_unknown(tmp_path, t
     moved = tmp_path / "moved"
     moved.mkdir()
     (moved / "last.pth").symlink_to(trained_run["best"].parent / "last.pth")
-    with pytest.raises(SystemExit, match="no split_manifest.json beside .*the split it was trained on is unknown"):
+    with pytest.raises(
+        SystemExit, match="no split_manifest.json in .*moved, so the split the checkpoint was trained on is unknown"
+    ):
         trainer.main(["--resume", str(moved / "last.pth"), "--checkpoint-dir", str(moved), "--epochs", "3"])
 
 

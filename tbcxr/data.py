@@ -432,9 +432,10 @@ def prepare_manifest(
 
 
 def remove_stale_caches(cache_dir: Path, kept: set[str]) -> None:
-    """Delete the decoded caches and scans of earlier preparations: at 50,000 images each is gigabytes, and
-    every change of the files, the split or the size would otherwise leave another copy behind."""
-    stale = [path for pattern in ("decoded_*.npy", "scan_*.npz") for path in cache_dir.glob(pattern)]
+    """Delete the decoded caches and scans of earlier preparations, and the partial files of killed ones: at
+    50,000 images each is gigabytes, and every change of the files, the split or the size would otherwise
+    leave another copy behind."""
+    stale = [path for pattern in ("decoded_*.npy", "scan_*.npz", ".*.tmp") for path in cache_dir.glob(pattern)]
     stale = [path for path in stale if path.name not in kept]
     if stale:
         freed = sum(path.stat().st_size for path in stale)

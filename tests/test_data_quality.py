@@ -170,6 +170,7 @@ def test_each_image_is_decoded_once_and_an_unchanged_set_not_again(tmp_path, dec
 
     decodes.clear()
     capsys.readouterr()
+    (tmp_path / "cache" / ".decoded_32px_9_0123.npy.tmp").write_bytes(b"a run killed while caching")
     again = prepare_and_load(data, tmp_path)
     assert decodes == [] and again == manifest
     assert "images and settings unchanged, split read from" in capsys.readouterr().out
@@ -180,7 +181,8 @@ def test_each_image_is_decoded_once_and_an_unchanged_set_not_again(tmp_path, dec
     assert resplit["val"] != manifest["val"] and not [path for path in decodes if path.endswith("empty.png")]
     assert f"Checking images: {len(files)} images unchanged" in output  # the scan, and only the scan, read back
     assert output.count("unchanged, results read from") == 1
-    assert "Removed 2 cache files of earlier preparations" in output  # training and validation: test/ is fixed
+    # Training and validation (test/ is fixed), and the killed run's partial file: a read-back run removes nothing.
+    assert "Removed 3 cache files of earlier preparations" in output
     assert {path.name for path in (tmp_path / "cache").glob("decoded_*.npy")} == set(resplit["preparation"]["caches"])
     decodes.clear()
 

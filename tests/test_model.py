@@ -67,6 +67,26 @@ def test_mixed_precision_uses_fp16_where_a_card_only_emulates_bf16(monkeypatch):
     assert autocast_dtype(torch.device("cpu"), amp=None) is None
 
 
+def test_a_run_saved_without_fp16_resumes_on_a_card_that_uses_fp16(tmp_path):
+    import resnet50_tb_full as trainer
+    from tbcxr.config import FULL_TRAINING
+    from tbcxr.runtime import SINGLE_PROCESS
+    from tbcxr.training import Run
+
+    model = build_model("none")
+    optimizer = build_optimizer(model, lr=1e-4, backbone_lr_mult=0.1)
+    scheduler = build_scheduler(optimizer, "plateau", epochs=30, warmup_epochs=0, plateau_patience=3)
+    saved = {  # bf16 or full precision: the GradScaler was disabled, its saved state is empty
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "epoch": 3,
+    }  # fmt: skip
+    run = Run(trainer.TrainConfig(), SINGLE_PROCESS, torch.device("cpu"), torch.float16, FULL_TRAINING, tmp_path)
+    run.model, run.optimizer, run.scheduler = model, optimizer, scheduler
+    run.scaler = torch.amp.GradScaler("cpu", enabled=True)
+    run.restore(saved)
+    assert run.state.epoch == 3 and run.scaler.get_scale() == 2.0**16  # a fresh scale, not a crash
+
+
 @pytest.fixture
 def reference_resnet50_state():
     torch.manual_seed(123)

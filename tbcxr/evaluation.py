@@ -153,6 +153,11 @@ def held_out_samples(
                 f"error: no {MANIFEST_NAME} beside {checkpoint_path}; pass --data-dir with a "
                 "train/test layout or a labelled Normal/Tuberculosis folder"
             )
+        if not Path(manifest["data_dir"]).is_dir():
+            raise SystemExit(
+                f"error: the data folder {manifest['data_dir']} that {manifest_path} lists is gone; pass --data-dir "
+                "with where it is now (its training images are still recognised by content)"
+            )
         return manifest_samples(manifest, "test"), f"test side of {manifest_path}"
     data = discover_dataset(data_dir)
     candidates, source = (data.test, f"test/ side of {data.root}") if data.test else (data.train, f"all of {data.root}")

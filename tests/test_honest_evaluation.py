@@ -15,7 +15,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import resnet50_tb_full as trainer
-from tbcxr.checkpoint import load_checkpoint, read_json
+from tbcxr.checkpoint import load_checkpoint, read_json, write_json
 from tbcxr.config import MANIFEST_NAME
 from tbcxr.data import manifest_samples
 from tbcxr.evaluation import held_out_samples, predict_checkpoint
@@ -117,6 +117,14 @@ def raw_run(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     train(data, root / "ckpt", uri, "--epochs", "1")
     return {"root": root, "data": data, "uri": uri, "best": root / "ckpt" / "best_resnet50_tb_full_trained.pth"}
+
+
+def test_without_data_dir_a_training_folder_no_longer_there_asks_for_its_new_place(raw_run, tmp_path):
+    manifest = read_json(raw_run["best"].parent / MANIFEST_NAME)
+    write_json(manifest | {"data_dir": str(tmp_path / "moved_away")}, tmp_path / MANIFEST_NAME)
+    (tmp_path / raw_run["best"].name).symlink_to(raw_run["best"])
+    with pytest.raises(SystemExit, match="moved_away that .* lists is gone; pass --data-dir with where it is now"):
+        held_out_samples(tmp_path / raw_run["best"].name)
 
 
 def test_a_moved_copy_of_the_training_folder_scores_exactly_the_manifest_test_images(raw_run, tmp_path, capsys):

@@ -73,8 +73,8 @@ from tbcxr.training import NonFiniteLossError, Run, fixed_on_resume, load_resuma
 class TrainConfig:
     """Every setting of a training run; each field is a command-line flag."""
 
-    data_dir: str = flag("", "data folder, organized train/test or raw Kaggle layout; also read from TB_DATA_DIR "
-                         "(--test-only, --compare: a folder to score, else the manifest's test side)")  # fmt: skip
+    data_dir: str = flag("", "data folder, organized train/test or raw Kaggle layout; also read from TB_DATA_DIR, "
+                         "except by --test-only/--compare (a folder to score, else the split's test side)")  # fmt: skip
     epochs: int = flag(30, "maximum number of epochs", type=positive_int)
     batch_size: int = flag(16, "batch size (32 with --freeze-features)", type=positive_int)
     lr: float = flag(1e-4, "classifier learning rate (1e-3 with --freeze-features)", type=positive_float)
@@ -104,11 +104,9 @@ class TrainConfig:
     seed: int = flag(42, "random seed for splits, sampling and initialisation")
     save_every: int = flag(5, "also keep a timestamped checkpoint every N epochs", type=positive_int)
     checkpoint_dir: str = flag(FULL_TRAINING.checkpoint_dir, "checkpoint folder (checkpoints/resnet50_tb if frozen)")
-    tracking_uri: str = flag(
-        "",
-        "MLflow tracking URI; default MLFLOW_TRACKING_URI, else http://127.0.0.1:5003 if it answers, "
-        "else sqlite:///mlflow.db",
-    )
+    tracking_uri: str = flag("", "MLflow tracking URI; default MLFLOW_TRACKING_URI, else (--test-only) the "
+                             "training run's store, else http://127.0.0.1:5003 if it answers, else "
+                             "sqlite:///mlflow.db")  # fmt: skip
     experiment: str = flag(FULL_TRAINING.experiment, "MLflow experiment (ResNet50_TB_FineTuning if frozen)")
     resume: str = flag("", "continue from this checkpoint (e.g. checkpoints/resnet50_tb_full/last.pth)")
     demo: bool = flag(False, "generate a small synthetic data set and run the whole pipeline on it")

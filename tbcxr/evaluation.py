@@ -156,7 +156,7 @@ def held_out_samples(
         if not Path(manifest["data_dir"]).is_dir():
             raise SystemExit(
                 f"error: the data folder {manifest['data_dir']} that {manifest_path} lists is gone; pass --data-dir "
-                "with where it is now (its training images are still recognised by content)"
+                "with where it is now (its training and validation images are still left out)"
             )
         return manifest_samples(manifest, "test"), f"test side of {manifest_path}"
     data = discover_dataset(data_dir)

@@ -53,9 +53,19 @@ def store_reachable(uri: str) -> bool:
     return bool(uri)
 
 
+def absolute_sqlite(uri: str) -> str:
+    """A sqlite store URI with its file as an absolute path, so that checkpoints find the store from any folder."""
+    database = sqlite_file(uri)
+    if database is None:
+        return uri
+    from sqlalchemy.engine import make_url
+
+    return make_url(uri).set(database=str(database.resolve())).render_as_string(hide_password=False)
+
+
 def resolve_tracking_uri(explicit: str, port: int) -> tuple[str, str]:
-    """Pick the MLflow store: an explicit URI, the local server on `port`, else sqlite."""
-    explicit = explicit or os.environ.get("MLFLOW_TRACKING_URI", "")
+    """Pick the MLflow store: an explicit URI, the local server on `port`, else sqlite (as an absolute path)."""
+    explicit = absolute_sqlite(explicit or os.environ.get("MLFLOW_TRACKING_URI", ""))
     if explicit:
         if explicit.startswith(("http://", "https://")) and not server_answers(explicit, timeout=5.0):
             raise SystemExit(
@@ -66,9 +76,9 @@ def resolve_tracking_uri(explicit: str, port: int) -> tuple[str, str]:
     local = f"http://127.0.0.1:{port}"
     if server_answers(local):
         return local, f"MLflow server on port {port}"
-    return "sqlite:///mlflow.db", (
-        f"no MLflow server on port {port}; logging to sqlite:///mlflow.db in this folder. "
-        f"Browse it with: mlflow ui --host 127.0.0.1 --port {port}"
+    return absolute_sqlite("sqlite:///mlflow.db"), (
+        f"no MLflow server on port {port}; logging to mlflow.db in this folder. "
+        f"Browse it from here with: mlflow ui --host 127.0.0.1 --port {port}"
     )
 
 

@@ -75,8 +75,12 @@ def fixed_on_resume(saved: dict) -> dict[str, str]:
     """The settings a resumed run keeps as they were saved, each with the reason."""
     fixed = {"selection": "the best checkpoint so far was chosen by its rule"}
     fixed |= dict.fromkeys(("lr", "backbone_lr_mult", "lr_scale"), "the optimizer's saved state holds the rates")
-    fixed |= dict.fromkeys(("schedule", "scheduler_patience"), "the scheduler's saved state holds it")
-    if saved["schedule"] == "cosine":
+    fixed["freeze_features"] = "the optimizer's saved state holds the trained layers"
+    fixed["recipe"] = "the run goes on with its saved settings"
+    fixed["schedule"] = "the scheduler's saved state holds it"
+    if saved["schedule"] == "plateau":
+        fixed["scheduler_patience"] = "the scheduler's saved state holds it"
+    else:
         fixed |= dict.fromkeys(("epochs", "warmup_epochs"), "they laid out the cosine schedule at the start")
     return fixed
 

@@ -183,6 +183,7 @@ def test_each_image_is_decoded_once_and_an_unchanged_set_not_again(tmp_path, dec
     assert output.count("unchanged, results read from") == 1
     # Training and validation (test/ is fixed), and the killed run's partial file: a read-back run removes nothing.
     assert "Removed 3 cache files of earlier preparations" in output
+    assert not list((tmp_path / "cache").glob(".*.tmp"))
     assert {path.name for path in (tmp_path / "cache").glob("decoded_*.npy")} == set(resplit["preparation"]["caches"])
     decodes.clear()
 

@@ -71,7 +71,7 @@ def count_checkpoint_loads(monkeypatch) -> list:
     return loads
 
 
-def test_thresholds_chosen_on_validation_are_stored_and_applied(trained_run, capsys, monkeypatch):
+def test_thresholds_chosen_on_validation_are_stored_and_applied(trained_run, capsys, monkeypatch, tmp_path):
     checkpoint, labels, probs = val_predictions(trained_run)
     stored = checkpoint["thresholds"]
     assert stored == pytest.approx(select_thresholds(labels, probs))
@@ -97,6 +97,14 @@ def test_thresholds_chosen_on_validation_are_stored_and_applied(trained_run, cap
     )
     assert evaluation_run.data.tags["training_run_id"] == report["training_run_id"]
     assert (trained_run["best"].parent / "eval_split_test.json").is_file()
+    # MLFLOW_TRACKING_URI comes before the training run's store.
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    trainer.main(["--test-only", "--resume", str(trained_run["best"]), "--bootstrap-resamples", "10"])
+    client = MlflowClient(elsewhere)
+    assert [
+        run.info.run_name for run in client.search_runs([e.experiment_id for e in client.search_experiments()])
+    ] == ["eval-split_test"]
     test_labels, test_probs = predict_checkpoint(
         checkpoint, held_out_samples(trained_run["best"], str(trained_run["data"]))[0], torch.device("cpu"), 16, 0
     )

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 import resnet50_tb_full as trainer
 from tbcxr.checkpoint import model_from_checkpoint
 from tbcxr.demo import make_demo_dataset
-from tbcxr.tracking import experiment_id
+from tbcxr.tracking import experiment_id, resolve_tracking_uri
 
 TINY = ["--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--weights", "none", "--recipe", "original"]
 
@@ -301,3 +301,27 @@ def test_compile_runs_on_the_cpu_and_checkpoints_keep_the_plain_model_keys(tmp_p
     model = model_from_checkpoint(best)  # loads strictly into a plain ResNet50
     assert torch.equal(model.fc.bias, best["model"]["fc.bias"])
     assert summary["best_epoch"] == 1
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "reason"),
+    [
+        ("--scheduler-patience", "5", "the scheduler's saved state holds it"),
+        ("--schedule", "cosine", "the scheduler's saved state holds it"),
+        ("--freeze-features", None, "the optimizer's saved state holds the trained layers"),
+        ("--recipe", "from-scratch", "the run goes on with its saved settings"),
+    ],
+)
+def test_resuming_a_plateau_run_refuses_settings_its_saved_state_holds(trained_run, capsys, flag, value, reason):
+    last = trained_run["best"].parent / "last.pth"
+    with pytest.raises(SystemExit):
+        trainer.config_from_args(["--resume", str(last), flag, *([value] if value else [])])
+    assert f"{flag} cannot change on resume: {reason}" in capsys.readouterr().err
+    assert trainer.config_from_args(["--resume", str(last), "--epochs", "5", "--scheduler-patience", "3"]).epochs == 5
+
+
+def test_a_relative_sqlite_store_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # checkpoints keep the URI: --resume and --test-only run from other folders
+    assert resolve_tracking_uri("sqlite:///runs/m.db?timeout=5", 5003)[0] == f"sqlite:///{tmp_path}/runs/m.db?timeout=5"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///m.db")
+    assert resolve_tracking_uri("", 5003)[0] == f"sqlite:///{tmp_path}/m.db"

@@ -177,8 +177,9 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     if given.get("resume") and not evaluating:  # settings of earlier versions that no longer exist are dropped
         saved = {k: v for k, v in load_checkpoint(given["resume"])["config"].items() if k in defaults and k != "resume"}
         layered |= saved
-        for key, reason in fixed_on_resume(defaults | saved).items():
-            if key in given and given[key] != (defaults | saved)[key]:
+        before = defaults | saved  # what the resumed run was trained with
+        for key, reason in fixed_on_resume(before).items():
+            if key in given and given[key] != before[key]:
                 parser.error(f"--{key.replace('_', '-')} cannot change on resume: {reason}")
     else:
         if given.get("freeze_features"):
@@ -360,9 +361,9 @@ def restore_or_start(run: Run, resumed: dict | None) -> bool:
         run.open_tracking(resumed)
         if finished:
             print("That run had already finished; nothing left to train.")
-        if finished and not run.logger.offline:
-            log_model(run.logger, model_from_checkpoint(load_checkpoint(run.best_path)), run.config.image_size)
-            run.logger.set_status("FINISHED")
+            if not run.logger.offline:
+                log_model(run.logger, model_from_checkpoint(load_checkpoint(run.best_path)), run.config.image_size)
+                run.logger.set_status("FINISHED")
     return not finished
 
 

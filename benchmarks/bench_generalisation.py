@@ -145,16 +145,17 @@ def train_project(args, seed: int) -> dict:
     flags += args.project_args
     last_path = work / "last.pth"
     # A finished run is reused only if it was trained with exactly these settings.
-    reusable = args.reuse and last_path.is_file() and load_checkpoint(last_path)["completed"]
-    if not (reusable and load_checkpoint(last_path)["config"] == asdict(trainer.config_from_args(flags))):
+    last = load_checkpoint(last_path) if args.reuse and last_path.is_file() else {}
+    if not (last.get("completed") and last["config"] == asdict(trainer.config_from_args(flags))):
         shutil.rmtree(work, ignore_errors=True)
         trainer.main(flags)
+        last = load_checkpoint(last_path)
     best_path = work / "best_resnet50_tb_full_trained.pth"
-    internal = held_out_samples(best_path)[0]
+    best = load_checkpoint(best_path)
+    internal = held_out_samples(best_path, checkpoint=best)[0]
     assert internal == internal_samples(args), "the project must be scored on the organized test/ side"
     external = external_samples(args)
-    result = project_scores(load_checkpoint(best_path), internal, external)
-    last = load_checkpoint(last_path)
+    result = project_scores(best, internal, external)
     result |= {"best_epoch": last["best_epoch"], "history": last["history"]}
     if args.per_epoch:
         result["per_epoch"] = []

@@ -30,6 +30,7 @@ from .fast_data import (
     augment_intensity,
     decoded_cache,
     fingerprint,
+    remove_stale_files,
     sample_intensity,
     side_cache_sizes,
     train_cache_size,
@@ -425,23 +426,12 @@ def prepare_manifest(
     scan.remove_pixels()
     if cache_dir is not None:  # what lets the next run on the same files and settings skip all of the above
         manifest["preparation"] = {"key": preparation, "caches": [Path(cache.filename).name for cache in caches]}
-        remove_stale_caches(cache_dir, {*manifest["preparation"]["caches"], scan.record.name})
+        kept = {*manifest["preparation"]["caches"], scan.record.name}
+        # The caches and scans of earlier preparations, and partial files of killed ones
+        remove_stale_files(cache_dir, ("decoded_*.npy", "scan_*.npz", ".*.tmp"), kept)
     write_json(manifest, manifest_path)
     print(data_report(manifest, manifest_path, [Path(cache.filename) for cache in caches]))
     return manifest
-
-
-def remove_stale_caches(cache_dir: Path, kept: set[str]) -> None:
-    """Delete the decoded caches and scans of earlier preparations, and the partial files of killed ones: at
-    50,000 images each is gigabytes, and every change of the files, the split or the size would otherwise
-    leave another copy behind."""
-    stale = [path for pattern in ("decoded_*.npy", "scan_*.npz", ".*.tmp") for path in cache_dir.glob(pattern)]
-    stale = [path for path in stale if path.name not in kept]
-    if stale:
-        freed = sum(path.stat().st_size for path in stale)
-        for path in stale:
-            path.unlink()
-        print(f"Removed {len(stale)} cache files of earlier preparations from {cache_dir} ({freed / 1e9:.2f} GB)")
 
 
 def refuse_one_class(samples, side: str, cause: str) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from .checkpoint import read_json, write_json
 from .config import CLASS_NAMES
 from .decoding import UNREADABLE_IMAGE_ERRORS, load_xray
-from .fast_data import RowWriter, fingerprint, ordered_map, resize_pixels
+from .fast_data import RowWriter, fingerprint, ordered_map, remove_stale_files, resize_pixels
 from .progress import track
 
 SCAN_VERSION = "sha1+phash16"  # part of the scan file's name: a different hash never reads an old file
@@ -86,8 +86,7 @@ def scan_images(
         return _load_scan(record, paths, {size: path for size, path in pixels.items() if path.is_file()})
     if cache_dir is not None:  # pixels a failed run left for a data set that has since changed
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        for stale in set(Path(cache_dir).glob("scan_*px_*.npy")) - set(pixels.values()):
-            stale.unlink()
+        remove_stale_files(cache_dir, ("scan_*px_*.npy",), {path.name for path in pixels.values()})
     sha1 = np.zeros((len(paths), 20), dtype=np.uint8)
     perceptual = np.zeros((len(paths), 32), dtype=np.uint8)
     unreadable = {}

@@ -36,7 +36,7 @@ from .metrics import (
     with_intervals,
 )
 from .model import predict_logits
-from .tracking import log_evaluation_run, metric_histories, resolve_tracking_uri, store_reachable
+from .tracking import log_evaluation_run, metric_histories, resolve_tracking_uri
 
 REPORT_METRICS = (
     "accuracy",
@@ -325,9 +325,7 @@ def run_test_only(checkpoint_path: Path, data_dir: str, scoring: Scoring, tracki
     else:
         paths.append(training_curves_figure(histories, Path(f"{out}_training_curves.png")))
     profile = profile_of(checkpoint)
-    # --tracking-uri, else MLFLOW_TRACKING_URI, else the training run's store when it answers, else the defaults.
-    explicit = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (uri if store_reachable(uri) else "")
-    tracking_uri, _ = resolve_tracking_uri(explicit, profile.port)
+    tracking_uri, _ = resolve_tracking_uri(tracking_uri, profile.port, recorded=uri)  # beside the training run
     run_id = log_evaluation_run(
         tracking_uri,
         checkpoint["config"].get("experiment", profile.experiment),

@@ -56,6 +56,17 @@ def fingerprint(paths: list[str], *key) -> str:
     return digest.hexdigest()[:16]
 
 
+def remove_stale_files(folder: Path, patterns: tuple[str, ...], kept: set[str]) -> None:
+    """Delete the files in `folder` matching `patterns` but not named in `kept`: at 50,000 images each cache is
+    gigabytes, and every change of the files, the split or the size would otherwise leave another copy."""
+    stale = [path for pattern in patterns for path in Path(folder).glob(pattern) if path.name not in kept]
+    if stale:
+        freed = sum(path.stat().st_size for path in stale)
+        for path in stale:
+            path.unlink()
+        print(f"Removed {len(stale)} cache files of earlier preparations from {folder} ({freed / 1e9:.2f} GB)")
+
+
 def cache_file(paths: list[str], size: int, folder: Path) -> Path:
     return Path(folder) / f"decoded_{size}px_{len(paths)}_{fingerprint(paths, size)}.npy"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,11 @@ class Run:
     logger: RunLogger | SilentLogger = field(default_factory=SilentLogger)
     state: RunState = field(default_factory=RunState)
 
+    @cached_property
+    def manifest_digest(self) -> str:
+        """Of the manifest, which is set before the first save and never changes: not recomputed per save."""
+        return split_digest(self.manifest)
+
     @property
     def manifest_path(self) -> Path:
         return self.checkpoint_dir / MANIFEST_NAME
@@ -160,7 +166,7 @@ class Run:
             tracking_uri=self.logger.tracking_uri,
             # what evaluation and GradCAM must redo to see the images as training did
             preprocessing={"clahe": dict(CLAHE)} if self.config.clahe else {},
-            split_digest=split_digest(self.manifest),
+            split_digest=self.manifest_digest,
             **asdict(self.state),
         )
         if include_training_state:

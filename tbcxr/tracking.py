@@ -67,7 +67,7 @@ def resolve_tracking_uri(explicit: str, port: int, recorded: str = "") -> tuple[
     """Pick the MLflow store: an explicit URI, MLFLOW_TRACKING_URI, the `recorded` store (a training run's,
     for its evaluation) if it can be used, the local server on `port`, else sqlite (as an absolute path)."""
     explicit = explicit or os.environ.get("MLFLOW_TRACKING_URI", "")
-    explicit = absolute_sqlite(explicit or (recorded if recorded and store_reachable(recorded) else ""))
+    explicit = absolute_sqlite(explicit or (recorded if store_reachable(recorded) else ""))
     if explicit:
         if explicit.startswith(("http://", "https://")) and not server_answers(explicit, timeout=5.0):
             raise SystemExit(

@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +45,23 @@ def sqlite_file(uri: str) -> Path | None:
 
     database = make_url(uri).database
     return Path(database) if database and database != ":memory:" else None
+
+
+@contextmanager
+def ctrl_c_held():
+    """Hold Ctrl-C until the block has run, then raise it: a KeyboardInterrupt inside a sqlite write leaves
+    the database locked, and the interrupted run could not then be marked KILLED. A write takes milliseconds."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pressed:
+            raise KeyboardInterrupt
 
 
 def store_reachable(uri: str) -> bool:
@@ -98,6 +118,8 @@ class RunLogger:
         self.tracking_uri, self.run_id, self.pending_path = tracking_uri, run_id, Path(pending_path)
         self.client = MlflowClient(tracking_uri)
         self.offline = False
+        # Held for sqlite only: a server's request may wait seconds on a timeout, and an interrupt leaves no lock.
+        self.hold_ctrl_c = sqlite_file(tracking_uri) is not None
 
     @staticmethod
     def store_errors() -> tuple:
@@ -109,13 +131,14 @@ class RunLogger:
     def _send(self, record: dict) -> None:
         from mlflow.entities import Metric
 
-        if record["kind"] == "metrics":
-            metrics = [
-                Metric(key, value, record["timestamp"], record["step"]) for key, value in record["metrics"].items()
-            ]
-            self.client.log_batch(self.run_id, metrics=metrics)
-        else:
-            self.client.log_artifact(self.run_id, record["path"], artifact_path=record["artifact_path"])
+        with ctrl_c_held() if self.hold_ctrl_c else nullcontext():
+            if record["kind"] == "metrics":
+                metrics = [
+                    Metric(key, value, record["timestamp"], record["step"]) for key, value in record["metrics"].items()
+                ]
+                self.client.log_batch(self.run_id, metrics=metrics)
+            else:
+                self.client.log_artifact(self.run_id, record["path"], artifact_path=record["artifact_path"])
 
     def go_offline(self, exc: Exception, consequence: str) -> None:
         """Stop sending and say so once, on stderr."""

@@ -28,6 +28,7 @@ from tbcxr.data_quality import scan_images
 from tbcxr.decoding import load_xray
 from tbcxr.demo import synthetic_xray
 from tbcxr.model import build_model
+from tbcxr.tracking import start_run
 
 TINY = [*"--image-size 32 --batch-size 8 --num-workers 0 --weights none --recipe original --seed 3".split()]
 
@@ -132,6 +133,25 @@ def test_ctrl_c_saves_marks_run_killed_and_prints_resume_command(tmp_path, data)
     assert saved["epoch"] >= 1
     assert MlflowClient(uri).get_run(saved["mlflow_run_id"]).info.status == "KILLED"
     assert "Traceback" not in output
+
+
+def test_ctrl_c_during_a_sqlite_write_waits_for_it_and_the_run_is_still_marked_killed(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = start_run(uri, "interrupts", "run", {"epochs": 2}, tmp_path / PENDING_RECORDS_NAME)
+    log_batch = logger.client.log_batch
+
+    def interrupted_write(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands while the metrics are being written
+        return log_batch(*args, **kwargs)
+
+    monkeypatch.setattr(logger.client, "log_batch", interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        logger.log_metrics({"val_loss": 0.5}, step=1)
+    logger.set_status("KILLED")  # what the trainer's Ctrl-C handler does next
+
+    client = MlflowClient(uri)
+    assert [m.value for m in client.get_metric_history(logger.run_id, "val_loss")] == [0.5]
+    assert client.get_run(logger.run_id).info.status == "KILLED" and not logger.offline
 
 
 def test_resuming_a_run_killed_after_it_stopped_early_trains_no_more_epochs(tmp_path, data, capsys):

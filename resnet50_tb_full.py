@@ -19,34 +19,21 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
-from datetime import datetime
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from tbcxr import evaluation, runtime
-from tbcxr.checkpoint import load_checkpoint, model_from_checkpoint, read_json, write_json
-from tbcxr.config import (
-    FULL_TRAINING,
-    SUMMARY_NAME,
-    TRANSFER_LEARNING,
-    add_dataclass_arguments,
-    flag,
-    image_size,
-    non_negative_int,
-    open_fraction,
-    positive_float,
-    positive_int,
-    profile_for,
-    refuse_inside,
-)
-from tbcxr.data import make_loaders, prepare_manifest
+from tbcxr.checkpoint import Checkpoint, read_json
+from tbcxr.config import LAST_CHECKPOINT_NAME, MANIFEST_NAME, add_dataclass_arguments, refuse_inside
+from tbcxr.data import LoaderSettings, PreparationSettings, make_loaders, prepare_manifest
 from tbcxr.demo import DEMO_DATA_DIR, make_demo_dataset
-from tbcxr.figures import save_test_figures
+from tbcxr.errors import ConfigurationError, FlagError, NonFiniteLossError, TrainingError, exits_on_error
 from tbcxr.metrics import (
     SELECTION_WINDOWS,
+    THRESHOLD_NAMES,
+    Calibration,
     classification_metrics,
     format_results,
     operating_points,
@@ -65,96 +52,10 @@ from tbcxr.model import (
     train_mode,
 )
 from tbcxr.progress import track
-from tbcxr.tracking import log_model
-from tbcxr.training import NonFiniteLossError, Run, fixed_on_resume, load_resumable, loss_function
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a training run; each field is a command-line flag."""
-
-    data_dir: str = flag("", "data folder, organized train/test or raw Kaggle layout; also read from TB_DATA_DIR, "
-                         "except by --test-only/--compare (a folder to score, else the split's test side)")  # fmt: skip
-    epochs: int = flag(30, "maximum number of epochs", type=positive_int)
-    batch_size: int = flag(16, "batch size (32 with --freeze-features)", type=positive_int)
-    lr: float = flag(1e-4, "classifier learning rate (1e-3 with --freeze-features)", type=positive_float)
-    backbone_lr_mult: float = flag(0.1, "backbone LR = lr x this", type=positive_float)
-    image_size: int = flag(224, "square input size in pixels", type=image_size)
-    weights: str = flag("imagenet", "initial weights: imagenet, none (random), or PATH to a state dict (--demo: none)")
-    freeze_features: bool = flag(False, "train only the final layer: the original design's transfer-learning baseline")
-    amp: bool | None = flag(None, "mixed precision (bf16, or fp16 with a GradScaler); default on for CUDA only")
-    device: str = flag("auto", "compute device", choices=["auto", "cuda", "cpu", "mps"])
-    num_workers: int = flag(min(4, os.cpu_count() or 1), "processes preparing and loading data", type=non_negative_int)
-    val_fraction: float = flag(0.15, "share of train held out for validation (stratified)", type=open_fraction)
-    test_fraction: float = flag(0.2, "share held out for test when the data has no test/ side", type=open_fraction)
-    scheduler_patience: int = flag(3, "ReduceLROnPlateau patience in epochs, on validation loss", type=non_negative_int)
-    recipe: str = flag("original", "original: the original design's settings, made for ImageNet weights; from-scratch: "
-                       "the settings measured best from random weights (default with --weights none and no --lr)",
-                       choices=["original", "from-scratch"])  # fmt: skip
-    schedule: str = flag("plateau", "plateau: ReduceLROnPlateau on validation loss, with early stopping; cosine: "
-                         "--warmup-epochs of linear warm-up, then cosine decay over --epochs",
-                         choices=["plateau", "cosine"])  # fmt: skip
-    selection: str = flag("auc", "which epoch becomes the best checkpoint: auc (best validation AUC), auc3 (its mean "
-                          "over 3 epochs) or last (the schedule's end)", choices=list(SELECTION_WINDOWS))  # fmt: skip
-    warmup_epochs: int = flag(0, "warm-up epochs: from a tenth of the rate, one step an epoch", type=non_negative_int)
-    clahe: bool = flag(False, "contrast-limited adaptive histogram equalisation of every image, train and test alike")
-    intensity_augment: bool = flag(False, "also augment intensity (gamma, blur, noise): X-rays of other hospitals")
-    early_stop_patience: int = flag(7, "stop after this many epochs without a better validation AUC", type=positive_int)
-    balance: str = flag("oversample", "class imbalance handling", choices=["oversample", "class-weight", "none"])
-    seed: int = flag(42, "random seed for splits, sampling and initialisation")
-    save_every: int = flag(5, "also keep a timestamped checkpoint every N epochs", type=positive_int)
-    checkpoint_dir: str = flag(FULL_TRAINING.checkpoint_dir, "checkpoint folder (checkpoints/resnet50_tb if frozen)")
-    tracking_uri: str = flag("", "MLflow tracking URI; default MLFLOW_TRACKING_URI, else (--test-only) the "
-                             "training run's store, else http://127.0.0.1:5003 if it answers, else "
-                             "sqlite:///mlflow.db")  # fmt: skip
-    experiment: str = flag(FULL_TRAINING.experiment, "MLflow experiment (ResNet50_TB_FineTuning if frozen)")
-    resume: str = flag("", "continue from this checkpoint (e.g. checkpoints/resnet50_tb_full/last.pth)")
-    demo: bool = flag(False, "generate a small synthetic data set and run the whole pipeline on it")
-    prepare_only: bool = flag(False, "check, split and cache the data, print a data report, and exit (no model)")
-    deterministic: bool = flag(False, "deterministic kernels, so a resumed run repeats an uninterrupted one exactly")
-    strict: bool = flag(False, "stop on unreadable image files instead of skipping them")
-    dedup: bool = flag(False, "drop exact and near duplicates of training images from validation and test")
-    temperature_scaling: bool = flag(False, "fit a softmax temperature on validation and store it in the checkpoint")
-    test_only: bool = flag(False, "only evaluate the --resume checkpoint (95% bootstrap CIs) on --data-dir, else "
-                           "on its split manifest's test side")  # fmt: skip
-    compare: list[str] = flag(
-        [], "evaluate two checkpoints on the same images and write reports/comparison.md", nargs=2, metavar="CKPT"
-    )
-    lr_scale: str = flag(
-        "none",
-        "under torchrun, keep the learning rates (none: Adam), or scale them by the number of processes "
-        "(linear: the SGD rule, for large global batches) or its square root (sqrt)",
-        choices=["none", "linear", "sqrt"],
-    )
-    sync_bn: bool = flag(False, "under torchrun on CUDA, synchronise BatchNorm statistics across GPUs")
-    fast_data: bool = flag(
-        True,
-        "decode images once into a uint8 cache and augment batches on the device "
-        "(--no-fast-data: per-image PIL transforms)",
-    )
-    compile: bool = flag(False, "torch.compile the model (slow start, faster steps on GPUs)")
-    bootstrap_resamples: int = flag(1000, "bootstrap resamples for confidence intervals", type=positive_int)
-
-
-# Defaults that change with the mode; explicit flags still win over them.
-TRANSFER_DEFAULTS = dict(
-    lr=1e-3, batch_size=32, checkpoint_dir=TRANSFER_LEARNING.checkpoint_dir, experiment=TRANSFER_LEARNING.experiment
-)
-# From random weights the original design's rates barely move the backbone; this recipe was chosen by
-# measurement on a second collection (README: "Training from random weights", 5 seeds).
-FROM_SCRATCH_DEFAULTS = dict(
-    recipe="from-scratch",
-    lr=1e-3,
-    backbone_lr_mult=1.0,
-    schedule="cosine",
-    warmup_epochs=1,
-    clahe=True,
-    intensity_augment=True,
-    selection="last",
-)
-DEMO_DEFAULTS = dict(
-    data_dir=DEMO_DATA_DIR, epochs=6, image_size=64, weights="none", lr=1e-3, backbone_lr_mult=1.0, num_workers=0
-)
+from tbcxr.split import manifest_beside, split_digest
+from tbcxr.tracking import log_model, register_servable_model
+from tbcxr.train_config import TrainConfig, layered_config
+from tbcxr.training import Run, Training, load_resumable, loss_function, lr_multiplier, print_header
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -163,37 +64,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    """Layer the config: dataclass defaults < mode defaults < resumed config < typed flags."""
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, str]:
+    """The run's config (train_config.layered_config) and why its recipe applies; bad flag mixes: usage errors."""
     parser = get_args_parser()
-    given = vars(parser.parse_args(argv))
-    if given.get("test_only") and not given.get("resume"):
-        parser.error("--test-only needs --resume CKPT, the checkpoint to evaluate")
-    # Evaluation scores the split manifest's test side unless --data-dir is typed: no saved or environment folder.
-    evaluating = bool(given.get("test_only") or given.get("compare"))
-    layered, defaults = {}, asdict(TrainConfig())
-    if os.environ.get("TB_DATA_DIR") and not evaluating:
-        layered["data_dir"] = os.environ["TB_DATA_DIR"]
-    if given.get("resume") and not evaluating:  # settings of earlier versions that no longer exist are dropped
-        saved = {k: v for k, v in load_checkpoint(given["resume"])["config"].items() if k in defaults and k != "resume"}
-        layered |= saved
-        before = defaults | saved  # what the resumed run was trained with
-        for key, reason in fixed_on_resume(before).items():
-            if key in given and given[key] != before[key]:
-                parser.error(f"--{key.replace('_', '-')} cannot change on resume: {reason}")
-    else:
-        if given.get("freeze_features"):
-            layered |= TRANSFER_DEFAULTS
-        if given.get("demo"):
-            layered |= DEMO_DEFAULTS
-        # Random weights and no rates of the user's own: the from-scratch recipe, unless --recipe says otherwise.
-        automatic = (layered | given).get("weights") == "none" and not {"lr", "backbone_lr_mult"} & given.keys()
-        automatic &= not (given.get("freeze_features") or given.get("demo"))
-        if given.get("recipe", "from-scratch" if automatic else "original") == "from-scratch":
-            layered |= FROM_SCRATCH_DEFAULTS
-    if "warmup_epochs" in given and (layered | given).get("schedule", "plateau") == "plateau":
-        parser.error("--warmup-epochs needs --schedule cosine")
-    return TrainConfig(**(layered | given))
+    try:
+        return layered_config(vars(parser.parse_args(argv)))
+    except FlagError as exc:
+        parser.error(str(exc))
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """The run's config; see parse_config."""
+    return parse_config(argv)[0]
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -249,23 +131,27 @@ def train_one_epoch(
     }
 
 
-def evaluate(model, loader, device, dist=runtime.SINGLE_PROCESS, total: int = 0) -> dict:
-    """Loss and classification metrics at threshold 0.5, plus the raw labels, logits and probabilities.
+def evaluate(
+    model, loader, device, dist=runtime.SINGLE_PROCESS, total: int = 0, calibration: Calibration = Calibration()
+) -> dict:
+    """Loss and classification metrics at threshold 0.5, plus the raw labels, logits and probabilities
+    (P(TB) under `calibration`; validation's stay the network's own, as the calibration is fitted on them).
     Under torchrun every rank scores its shard and the `total` predictions are gathered in order."""
     runtime.broadcast_buffers(model, dist)
-    labels, logits, loss = predict_logits(model, loader, device)
+    with runtime.ieee_float32():  # reported scores in float32, as --test-only recomputes them
+        labels, logits, loss = predict_logits(model, loader, device)
     if dist.active:
         stacked = torch.cat([logits, torch.as_tensor(labels).unsqueeze(1).float()], 1).to(device)
         gathered = runtime.gather_shards(stacked, dist, total).cpu()
         logits, labels = gathered[:, :-1], gathered[:, -1].long().numpy()
         loss = float(nn.functional.cross_entropy(logits, torch.as_tensor(labels)))
-    probs = tb_probability(logits).numpy()
+    probs = tb_probability(logits, calibration).numpy()
     return {"loss": loss, **classification_metrics(labels, probs), "labels": labels, "logits": logits, "probs": probs}
 
 
 # --------------------------------------------------------------------------- the run's stages
-def set_up(config: TrainConfig) -> Run:
-    """Join torchrun if launched by it, make the demo data, seed, and pick the device and precision."""
+def set_up(config: TrainConfig) -> tuple[runtime.DistributedContext, torch.device]:
+    """Join torchrun if launched by it, make the demo data, seed, and pick the device."""
     refuse_inside(config.checkpoint_dir, config.data_dir, "--checkpoint-dir")
     dist, device = runtime.init_distributed(config.device)
     if not dist.is_main:  # rank 0 speaks for the job: console, progress bars, files, MLflow
@@ -279,78 +165,74 @@ def set_up(config: TrainConfig) -> Run:
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    run = Run(
-        config,
-        dist,
-        device,
-        runtime.autocast_dtype(device, config.amp),
-        profile_for(config.freeze_features),
-        Path(config.checkpoint_dir),
-    )
     if dist.is_main:
-        run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    return run
+        Path(config.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    return dist, device
 
 
-def prepare_data(run: Run, resumed: dict | None) -> None:
-    """Split, check and cache the data once; reuse the saved split when resuming, so test images never change."""
-    config = run.config
-    if config.prepare_only and run.last_path.is_file():
-        raise SystemExit(
-            f"error: {run.checkpoint_dir} holds a training run's checkpoints, whose split manifest --prepare-only "
+def prepare_data(config: TrainConfig, dist, device, resumed: Checkpoint | None) -> tuple[dict, tuple]:
+    """The split manifest and the train, validation and test loaders (none with --prepare-only). The data is
+    split, checked and cached once; a resumed run reuses its saved split, so test images never change."""
+    checkpoint_dir = Path(config.checkpoint_dir)
+    if config.prepare_only and (checkpoint_dir / LAST_CHECKPOINT_NAME).is_file():
+        raise ConfigurationError(
+            f"error: {checkpoint_dir} holds a training run's checkpoints, whose split manifest --prepare-only "
             "would replace: use another --checkpoint-dir"
         )
-    with runtime.main_process_first(run.dist):
+    with runtime.main_process_first(dist):
         if resumed is not None:
-            run.manifest = evaluation.manifest_beside(run.last_path, resumed, required=True)
-        elif not run.dist.is_main:
-            run.manifest = read_json(run.manifest_path)
+            manifest = manifest_beside(checkpoint_dir / LAST_CHECKPOINT_NAME, resumed, required=True)
+        elif not dist.is_main:
+            manifest = read_json(checkpoint_dir / MANIFEST_NAME)
         else:
-            run.manifest = prepare_manifest(
-                config.data_dir, run.manifest_path, val_fraction=config.val_fraction,
-                test_fraction=config.test_fraction, seed=config.seed, strict=config.strict, dedup=config.dedup,
-                workers=config.num_workers, image_size=config.image_size if config.fast_data else 0,
-                cache_dir=run.checkpoint_dir / "cache",  # the scan is kept there on either data path
+            settings = PreparationSettings(
+                config.val_fraction, config.test_fraction, config.seed, strict=config.strict, dedup=config.dedup
+            )
+            manifest = prepare_manifest(
+                config.data_dir, checkpoint_dir / MANIFEST_NAME, settings, workers=config.num_workers,
+                image_size=config.image_size if config.fast_data else 0,
+                cache_dir=checkpoint_dir / "cache",  # the scan is kept there on either data path
             )  # fmt: skip
         if config.prepare_only:
-            return
-        run.loaders = make_loaders(
-            run.manifest, run.device, image_size=config.image_size, batch_size=config.batch_size, seed=config.seed,
-            oversample=config.balance == "oversample", fast_data=config.fast_data, num_workers=config.num_workers,
-            cache_dir=run.checkpoint_dir / "cache", dist=run.dist, clahe=config.clahe,
+            return manifest, ()
+        settings = LoaderSettings(
+            image_size=config.image_size, batch_size=config.batch_size, seed=config.seed,
+            oversample=config.balance == "oversample", fast_data=config.fast_data,
+            cache_dir=checkpoint_dir / "cache", num_workers=config.num_workers, clahe=config.clahe,
             intensity=config.intensity_augment,
         )  # fmt: skip
+        return manifest, make_loaders(manifest, device, settings, dist)
 
 
-def build_training(run: Run, resumed: dict | None) -> None:
-    """Model, its DDP/compile wrappers, Adam with differential learning rates, ReduceLROnPlateau, AMP scaler."""
-    config, device, dist = run.config, run.device, run.dist
+def build_training(config: TrainConfig, dist, device, train_labels: list[int], resumed: bool) -> Training:
+    """The model (and its DDP/compile wrappers), Adam with differential learning rates, scheduler, AMP, loss."""
     model = build_model(config.weights if not resumed else "none", config.freeze_features).to(device)
     if runtime.use_channels_last(device):
         model = model.to(memory_format=torch.channels_last)
     torch.backends.cudnn.benchmark = device.type == "cuda" and not config.deterministic
     if config.sync_bn and dist.active:
         if device.type != "cuda":
-            raise SystemExit("error: --sync-bn needs CUDA (SyncBatchNorm has no CPU implementation)")
+            raise ConfigurationError("error: --sync-bn needs CUDA (SyncBatchNorm has no CPU implementation)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    lr_mult = {"none": 1.0, "linear": dist.world_size, "sqrt": dist.world_size**0.5}[config.lr_scale]
-    run.model, run.step_model = model, model  # checkpoints keep the plain model's keys
+    step_model = model  # checkpoints keep the plain model's keys
     if dist.active:
-        run.step_model = nn.parallel.DistributedDataParallel(
+        step_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     if config.compile:
-        run.step_model = torch.compile(run.step_model)
-    run.optimizer = build_optimizer(model, config.lr * lr_mult, config.backbone_lr_mult)
-    run.scheduler = build_scheduler(
-        run.optimizer, config.schedule, config.epochs, config.warmup_epochs, config.scheduler_patience
+        step_model = torch.compile(step_model)
+    lr = config.lr * lr_multiplier(config.lr_scale, dist.world_size)
+    optimizer = build_optimizer(model, lr, config.backbone_lr_mult)
+    scheduler = build_scheduler(
+        optimizer, config.schedule, config.epochs, config.warmup_epochs, config.scheduler_patience
     )
-    run.scaler = torch.amp.GradScaler(device.type, enabled=run.amp_dtype == torch.float16)
-    run.criterion = loss_function(config.balance, [label for _, label in run.manifest["train"]], device)
-    run.print_header(lr_mult)
+    amp_dtype = runtime.autocast_dtype(device, config.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    criterion = loss_function(config.balance, train_labels, device)
+    return Training(model, step_model, optimizer, scheduler, scaler, criterion, amp_dtype, device)
 
 
-def restore_or_start(run: Run, resumed: dict | None) -> bool:
+def restore_or_start(run: Run, resumed: Checkpoint | None) -> bool:
     """Load a resumed checkpoint's weights and state, or open a new MLflow run; False if nothing is left to train."""
     if resumed:
         run.restore(resumed)
@@ -359,28 +241,31 @@ def restore_or_start(run: Run, resumed: dict | None) -> bool:
     finished = bool(resumed) and state.completed and (state.epoch >= run.config.epochs or run.stopped_early)
     if run.dist.is_main:
         run.open_tracking(resumed)
+        if resumed and not state.completed and state.best_epoch == state.epoch > 0:
+            # The last epoch was the best: a kill after its last.pth may have come before its best file.
+            run.save(run.best_path, include_training_state=False)
         if finished:
             print("That run had already finished; nothing left to train.")
-            if not run.logger.offline:
-                log_model(run.logger, model_from_checkpoint(load_checkpoint(run.best_path)), run.config.image_size)
-                run.logger.set_status("FINISHED")
+            if not run.logger.offline and (servable := log_best_model(run, Checkpoint.load(run.best_path).model())):
+                print(servable)
     return not finished
 
 
-def train_and_validate(run: Run, epoch: int) -> None:
+def train_and_validate(run: Run, loaders: tuple, val_images: int, epoch: int) -> None:
     """One epoch: train, validate, step the scheduler, keep the best and the periodic checkpoints, log."""
-    config, state = run.config, run.state
-    train_loader, val_loader, _ = run.loaders
+    config, state, training = run.config, run.state, run.training
+    train_loader, val_loader, _ = loaders
+    device = training.device
     train_loader.sampler.set_epoch(epoch)
     started = time.perf_counter()
-    train_results = train_one_epoch(run.step_model, train_loader, run.criterion, run.optimizer, run.scaler,
-                                    run.device, run.amp_dtype, epoch, run.dist)  # fmt: skip
-    val_results = evaluate(run.model, val_loader, run.device, run.dist, len(run.manifest["val"]))
-    lrs = group_lrs(run.optimizer)  # the rates this epoch trained with
-    step_scheduler(run.scheduler, val_results["loss"])
+    train_results = train_one_epoch(training.step_model, train_loader, training.criterion, training.optimizer,
+                                    training.scaler, device, training.amp_dtype, epoch, run.dist)  # fmt: skip
+    val_results = evaluate(training.model, val_loader, device, run.dist, val_images)
+    lrs = group_lrs(training.optimizer)  # the rates this epoch trained with
+    step_scheduler(training.scheduler, val_results["loss"])
     state.train_seconds += time.perf_counter() - started
     state.epoch = epoch
-    state.peak_memory_mb = max(state.peak_memory_mb, runtime.peak_memory_mb(run.device))
+    state.peak_memory_mb = max(state.peak_memory_mb, runtime.peak_memory_mb(device))
 
     print(
         f"Epoch {epoch}: Loss={train_results['loss']:.4f}, Train Acc={train_results['accuracy']:.4f}, "
@@ -393,23 +278,20 @@ def train_and_validate(run: Run, epoch: int) -> None:
 
     # Every checkpoint carries the operating points of its own weights, fitted on this epoch's validation.
     points = operating_points(val_results, config.temperature_scaling)
-    state.thresholds, state.temperature = points["thresholds"], points["temperature"]
+    state.thresholds, state.calibration = points["thresholds"], points["calibration"]
     state.operating_points_epoch = epoch
-    score = selection_score(state.history, min(SELECTION_WINDOWS[config.selection], config.epochs))
-    if score > state.best_score:
+    window = min(SELECTION_WINDOWS[config.selection], config.epochs)
+    score = selection_score(state.history, window)
+    improved = score > state.best_score
+    if improved:
         state.best_score, state.best_epoch, state.stale_epochs = score, epoch, 0
-        run.save(run.best_path, include_training_state=False)
-    else:
+    elif len(state.history) >= window:  # patience counts from the first full window: before it nothing was compared
         state.stale_epochs += 1
-    if epoch % config.save_every == 0:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run.save(run.checkpoint_dir / f"{stamp}_epoch{epoch}_{run.profile.model_stem}.pth")
-    # Checkpoint first, then log: a kill in between is repaired from the history on --resume.
-    run.save(run.last_path)
+    run.save_epoch(improved)  # checkpoints first, then log: a kill before the log is repaired on --resume
     run.logger.log_metrics(metrics, step=epoch)
 
 
-def fit(run: Run, resumed: bool) -> None:
+def fit(run: Run, loaders: tuple, val_images: int, resumed: bool) -> None:
     """The epoch loop, with its one place for Ctrl-C, out-of-memory and non-finite-loss handling."""
     config, state = run.config, run.state
     state.completed = False
@@ -418,7 +300,7 @@ def fit(run: Run, resumed: bool) -> None:
             run.save(run.last_path)
         # A resumed run that had stopped early (killed while finishing) goes straight to finish().
         while state.epoch < config.epochs and not run.stopped_early:
-            train_and_validate(run, state.epoch + 1)
+            train_and_validate(run, loaders, val_images, state.epoch + 1)
         if run.stopped_early:
             print(f"Early stopping: no better validation AUC for {config.early_stop_patience} epochs")
     except KeyboardInterrupt:
@@ -427,7 +309,7 @@ def fit(run: Run, resumed: bool) -> None:
         raise SystemExit(130) from None
     except torch.OutOfMemoryError as exc:
         run.logger.set_status("FAILED")
-        raise SystemExit(
+        raise TrainingError(
             f"error: out of GPU memory at batch size {config.batch_size} ({str(exc).splitlines()[0]}).\n"
             "Try --batch-size 8 and --amp (mixed precision), then resume with:\n  "
             f"{run.resume_command} --batch-size 8 --amp"
@@ -437,35 +319,46 @@ def fit(run: Run, resumed: bool) -> None:
         raise
 
 
-def finish(run: Run) -> dict:
-    """Score the test set once, on the best checkpoint; write summary.json; log the model; close the run."""
+def finish(run: Run, test_loader, test_images: int) -> dict:
+    """Score the test set once on the best checkpoint, at 0.5 and its operating point; write summary.json; log."""
     runtime.barrier(run.dist)  # rank 0 has finished writing the best checkpoint
-    best = load_checkpoint(run.best_path)
-    best_model = model_from_checkpoint(best).to(run.device)  # run.model keeps the last epoch's weights
-    if runtime.use_channels_last(run.device):
-        best_model = best_model.to(memory_format=torch.channels_last)
-    test_results = evaluate(best_model, run.loaders[2], run.device, run.dist, len(run.manifest["test"]))
+    best, device = run.load_best(), run.training.device
+    best_model = runtime.on_device(best.model(), device)  # run.training.model: the last epoch's weights
+    test_results = evaluate(best_model, test_loader, device, run.dist, test_images, best.state.calibration)
     if run.dist.active:
         torch.distributed.destroy_process_group()
     if not run.dist.is_main:
         return {}
+    if run.config.temperature_scaling:
+        calibration = best.state.calibration
+        print(f"P(TB) calibrated on validation by Platt scaling: sigmoid({calibration.scale:.4f} x (logit_TB - "
+              f"logit_Normal) {calibration.bias:+.4f})")  # fmt: skip
     print(format_results("Test", test_results))
-    test_metrics = scalar_metrics(test_results, "test")
-    run.logger.log_metrics(test_metrics)
-    for path in save_test_figures(test_results["labels"], test_results["probs"], run.checkpoint_dir):
-        run.logger.log_artifact(path, artifact_path="test")
-    summary = run.summary(best["best_epoch"], test_metrics)
-    summary_path = run.checkpoint_dir / SUMMARY_NAME
-    write_json(summary, summary_path)
-    run.logger.log_artifact(summary_path)
+    name, threshold = best.recommended_operating_point, best.operating_threshold
+    at_point = classification_metrics(test_results["labels"], test_results["probs"], threshold)
+    print(
+        format_results("Test", at_point, f"{THRESHOLD_NAMES[name]} (threshold {threshold:.4f}, chosen on validation)")
+    )
+    at_point = {"name": name, "threshold": threshold, **scalar_metrics(at_point, "test")}
+    summary = run.record_test(best.state.best_epoch, test_results, at_point)
     run.state.completed = True
     run.save(run.last_path)
-    log_model(run.logger, best_model, run.config.image_size)
-    run.logger.set_status("FINISHED")
-    print(f"Best checkpoint (epoch {best['best_epoch']}): {run.best_path}")
+    servable = log_best_model(run, best_model)
+    print(f"Best checkpoint (epoch {best.state.best_epoch}): {run.best_path}")
     offline = f" (offline: queued records in {run.pending_path}; {run.resume_command} replays them)"
-    print(f"Summary: {summary_path}; MLflow run {run.logger.run_id}" + (offline if run.logger.offline else ""))
+    print(f"Summary: {run.summary_path}; MLflow run {run.logger.run_id}" + (offline if run.logger.offline else ""))
+    if servable:
+        print(servable)
     return summary
+
+
+def log_best_model(run: Run, model: nn.Module) -> str:
+    """Log the best model (pt2) and register it as a servable model; the run is then FINISHED. Returns the line
+    saying how to serve it ("" when the store cannot be reached)."""
+    log_model(run.logger, model, run.config.image_size)
+    servable = register_servable_model(run.logger, run.best_path, run.config.registered_model)
+    run.logger.set_status("FINISHED")
+    return servable
 
 
 def scoring(config: TrainConfig) -> evaluation.Scoring:
@@ -476,22 +369,28 @@ def scoring(config: TrainConfig) -> evaluation.Scoring:
 
 
 # --------------------------------------------------------------------------- main
+@exits_on_error(get_args_parser)
 def main(argv: list[str] | None = None) -> dict:
-    config = config_from_args(argv)
+    config, recipe_reason = parse_config(argv)
     if config.compare:
         return evaluation.compare_checkpoints(config.compare, config.data_dir, scoring(config), config.tracking_uri)
     if config.test_only:
-        return evaluation.run_test_only(Path(config.resume), config.data_dir, scoring(config), config.tracking_uri)
+        site_prevalence = config.prevalence if config.site_thresholds else None
+        return evaluation.run_test_only(
+            Path(config.resume), config.data_dir, scoring(config), config.tracking_uri, site_prevalence=site_prevalence
+        )
     resumed = load_resumable(config.resume) if config.resume else None
-    run = set_up(config)
-    prepare_data(run, resumed)
+    dist, device = set_up(config)
+    manifest, loaders = prepare_data(config, dist, device, resumed)
     if config.prepare_only:  # the data report is printed: stop before any model is built
-        return run.manifest
-    build_training(run, resumed)
+        return manifest
+    training = build_training(config, dist, device, [label for _, label in manifest["train"]], resumed is not None)
+    print_header(config, recipe_reason, manifest, training, device, dist)
+    run = Run(config, dist, training, split_digest(manifest))
     if not restore_or_start(run, resumed):
-        return read_json(run.checkpoint_dir / SUMMARY_NAME)
-    fit(run, resumed=resumed is not None)
-    return finish(run)
+        return read_json(run.summary_path)
+    fit(run, loaders, len(manifest["val"]), resumed=resumed is not None)
+    return finish(run, loaders[2], len(manifest["test"]))
 
 
 if __name__ == "__main__":

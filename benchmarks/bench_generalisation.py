@@ -38,15 +38,17 @@ from torchvision import datasets, models, transforms
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import resnet50_tb_full as trainer  # noqa: E402
-from tbcxr.checkpoint import load_checkpoint  # noqa: E402
+from tbcxr.checkpoint import Checkpoint  # noqa: E402
 from tbcxr.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from tbcxr.data import discover_dataset  # noqa: E402
-from tbcxr.evaluation import held_out_samples, predict_checkpoint  # noqa: E402
+from tbcxr.evaluation import predict_checkpoint  # noqa: E402
 from tbcxr.metrics import bootstrap_indices, selection_score  # noqa: E402
 from tbcxr.runtime import seed_everything  # noqa: E402
+from tbcxr.split import held_out_samples  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 SHARED_SETTINGS = ("train_dir", "external_dir", "epochs", "image_size", "batch_size")  # what --merge checks
+PER_EPOCH_NAME = "per_epoch_auc.json"  # beside a project run's checkpoints: --per-epoch's scores
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -128,7 +130,7 @@ def external_samples(args) -> list:
 
 
 # --------------------------------------------------------------------------- (b) this project
-def project_scores(checkpoint: dict, internal, external) -> dict:
+def project_scores(checkpoint: Checkpoint, internal, external) -> dict:
     device = torch.device("cpu")
     return {"internal": predict_checkpoint(checkpoint, internal, device, 64, 2),
             "external": predict_checkpoint(checkpoint, external, device, 64, 2)}  # fmt: skip
@@ -145,27 +147,38 @@ def train_project(args, seed: int) -> dict:
     flags += args.project_args
     last_path = work / "last.pth"
     # A finished run is reused only if it was trained with exactly these settings.
-    last = load_checkpoint(last_path) if args.reuse and last_path.is_file() else {}
-    if not (last.get("completed") and last["config"] == asdict(trainer.config_from_args(flags))):
+    last = Checkpoint.load(last_path) if args.reuse and last_path.is_file() else None
+    if not (last and last.state.completed and last.config == asdict(trainer.config_from_args(flags))):
         shutil.rmtree(work, ignore_errors=True)
         trainer.main(flags)
-        last = load_checkpoint(last_path)
+        last = Checkpoint.load(last_path)
     best_path = work / "best_resnet50_tb_full_trained.pth"
-    best = load_checkpoint(best_path)
+    best = Checkpoint.load(best_path)
     internal = held_out_samples(best_path, checkpoint=best)[0]
     assert internal == internal_samples(args), "the project must be scored on the organized test/ side"
     external = external_samples(args)
     result = project_scores(best, internal, external)
-    result |= {"best_epoch": last["best_epoch"], "history": last["history"]}
+    result |= {"best_epoch": last.state.best_epoch, "history": last.state.history}
     if args.per_epoch:
-        result["per_epoch"] = []
-        for path in sorted(
-            work.glob("*_epoch*_resnet50_tb_full_trained.pth"), key=lambda p: int(p.stem.split("_")[1][5:])
-        ):
-            scores = project_scores(load_checkpoint(path), internal, external)
-            result["per_epoch"].append({part: roc_auc_score(*scores[part]) for part in ("internal", "external")})
-            path.unlink()  # 15 epochs of 190 MB checkpoints per run add up
+        result["per_epoch"] = per_epoch_aucs(work, internal, external)
     return result
+
+
+def per_epoch_aucs(work: Path, internal, external) -> list[dict[str, float]]:
+    """Internal and external AUC of every epoch's weights. The epoch checkpoints (15 of 190 MB per run) are
+    deleted once scored, so the AUCs are kept in the run's folder, where a --reuse run reads them back."""
+    saved = work / PER_EPOCH_NAME
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    paths = sorted(work.glob("*_epoch*_resnet50_tb_full_trained.pth"), key=lambda p: int(p.stem.split("_")[1][5:]))
+    aucs = []
+    for path in paths:
+        scores = project_scores(Checkpoint.load(path), internal, external)
+        aucs.append({part: roc_auc_score(*scores[part]) for part in ("internal", "external")})
+    saved.write_text(json.dumps(aucs))
+    for path in paths:  # only once the AUCs are saved: a run stopped in between scores them again
+        path.unlink()
+    return aucs
 
 
 # --------------------------------------------------------------------------- report

@@ -30,10 +30,11 @@ from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from resnet50_tb_full import train_one_epoch  # noqa: E402
+from tbcxr.cache import decoded_cache, train_cache_size  # noqa: E402
 from tbcxr.config import IMAGENET_MEAN, IMAGENET_STD, image_size, non_negative_int, positive_int  # noqa: E402
 from tbcxr.data import EpochSampler  # noqa: E402
 from tbcxr.demo import synthetic_xray  # noqa: E402
-from tbcxr.fast_data import CachedBatches, DeviceBatches, decoded_cache, train_cache_size  # noqa: E402
+from tbcxr.fast_data import CachedBatches, DeviceBatches  # noqa: E402
 from tbcxr.model import build_model, build_optimizer  # noqa: E402
 from tbcxr.runtime import autocast_dtype, resolve_device  # noqa: E402
 
@@ -143,13 +144,17 @@ def time_data(loader, device: torch.device, warmup: int = 2) -> float:
 
 
 class Batches:
-    """The first `count` batches of an endless or long batch source, as train_one_epoch expects."""
+    """The first `count` batches of an endless or long batch source, as train_one_epoch expects: iterable,
+    with a length and a batch size (its progress bar's total)."""
 
     def __init__(self, source, count: int, batch_size: int):
         self.source, self.count, self.batch_size = source, count, batch_size
 
     def __iter__(self):
         return itertools.islice(self.source, self.count)
+
+    def __len__(self) -> int:
+        return self.count
 
 
 class Step:

@@ -1,15 +1,20 @@
 """Shared code of the two TB chest X-ray scripts, one module per concern.
 
+    errors        TbcxrError and its kinds: what the library raises (a script prints the message, exits 1)
     config        class names, run profiles (full / transfer learning), dataclass -> argparse flags
+    train_config  the trainer's TrainConfig (one field per flag) and how a run's config is layered
     runtime       device, autocast dtype, seeding, peak memory; torchrun shards and gathers
     decoding      image file -> 8-bit greyscale picture
-    data          layouts, split manifest, held-out samples, transforms, datasets, samplers, loaders
+    data          layouts, data preparation, transforms, datasets, samplers, loaders
+    split         the split manifest; held-out selection: which images a checkpoint may be scored on
     data_quality  unreadable-file scan, exact and near-duplicate leak check
-    fast_data     decoded uint8 cache, batched augmentation on the device
+    cache         decoded uint8 caches: fingerprints, worker-process decoding, .npy rows, stale-file cleanup
+    fast_data     batches read from the decoded caches, batched augmentation on the device
     progress      progress bars on a terminal, plain lines and stage summaries in a log file
     model         ResNet50 weights, build_model, optimizer groups, inference
-    checkpoint    atomic writes, JSON, the checkpoint format, load and rebuild
-    metrics       metrics, bootstrap, operating points, temperature, calibration
+    checkpoint    atomic writes, JSON, the typed Checkpoint: load, save, operating point, profile, model
+    training      one run: what trains it (Training) and what changes as it goes (Run), checkpoints, summary
+    metrics       metrics, bootstrap, operating points, P(TB) and its calibration
     evaluation    --test-only and --compare: scoring, reports, the paired test
     figures       every plot, one save helper
     tracking      MLflow: store choice, runs, offline queue, model logging

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import ConfigurationError
+
 CLASS_NAMES = ("Normal", "Tuberculosis")
 POSITIVE_CLASS = 1  # Tuberculosis: sensitivity is recall on this class
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -77,11 +79,6 @@ def profile_for(freeze_features: bool) -> Profile:
     return TRANSFER_LEARNING if freeze_features else FULL_TRAINING
 
 
-def profile_of(checkpoint: dict) -> Profile:
-    """The profile a checkpoint was trained with."""
-    return profile_for(checkpoint["config"].get("freeze_features", False))
-
-
 def best_checkpoint_path(checkpoint_dir: str | Path, freeze_features: bool) -> Path:
     return Path(checkpoint_dir) / f"best_{profile_for(freeze_features).model_stem}.pth"
 
@@ -140,4 +137,4 @@ image_size = checked(int, lambda v: v >= 32, "be at least 32 pixels (ResNet50 do
 def refuse_inside(output: str | Path, data_dir: str | Path, flag: str) -> None:
     """Outputs never go inside the data folder: a later scan would take them for data."""
     if data_dir and Path(output).resolve().is_relative_to(Path(data_dir).resolve()):
-        raise SystemExit(f"error: {flag} {output} lies inside the data folder {data_dir}; choose a folder outside it")
+        raise ConfigurationError(f"error: {flag} {output} lies inside the data folder {data_dir}; choose a folder outside it")

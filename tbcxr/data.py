@@ -1,48 +1,32 @@
-"""Data sets: folder layouts, the split manifest, transforms, datasets, samplers and loaders.
+"""Data sets: folder layouts, data preparation, transforms, datasets, samplers and loaders.
 
-A data folder is discovered once, split (seeded, stratified) into train/val/test and written
+A data folder is discovered once, checked, split (split.py) into train/val/test and written
 to a split manifest that every later step, --resume, --test-only and GradCAM reuse.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms
+from torchvision.transforms import v2
 
-from .checkpoint import read_json, write_json
+from .cache import decoded_cache, fingerprint, remove_stale_files, side_cache_sizes, train_cache_size
+from .checkpoint import Checkpoint, read_json, write_json
 from .config import AUGMENTATION, CLAHE, CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD
 from .data_quality import NEAR_DUPLICATE_BITS, SCAN_VERSION, data_report, drop_leaks, find_leaks, scan_images
 from .decoding import equalise, is_image_file, load_xray
-from .fast_data import (
-    CachedBatches,
-    DeviceBatches,
-    augment_intensity,
-    decoded_cache,
-    fingerprint,
-    remove_stale_files,
-    sample_intensity,
-    side_cache_sizes,
-    train_cache_size,
-)
+from .errors import DataError, DataLayoutError
+from .fast_data import CachedBatches, DeviceBatches, augment_intensity, sample_intensity
 from .runtime import SINGLE_PROCESS, DistributedContext, ShardOrder, shard, use_channels_last
+from .split import make_split_manifest, manifest_samples
 
-EXPECTED_LAYOUT = """Expected one of these layouts (class folder names match case-insensitively):
-  organized:  DIR/train/Normal/*.png  DIR/train/Tuberculosis/*.png
-              DIR/test/Normal/*.png   DIR/test/Tuberculosis/*.png
-  raw Kaggle: DIR/Normal/*.png        DIR/Tuberculosis/*.png
-              (or one folder deeper, e.g. DIR/TB_Chest_Radiography_Database/Normal)
-No data at hand? Run with --demo to generate a small synthetic data set."""
 PREPARATION_VERSION = "split+leaks+caches 1"  # in the preparation key: a new way of preparing starts afresh
 
 
@@ -54,13 +38,6 @@ class DataSplit:
     layout: str  # "organized" or "raw"
     train: list[tuple[str, int]]
     test: list[tuple[str, int]] | None
-
-
-class DataLayoutError(SystemExit):
-    """Raised for a missing or malformed data folder; exits with a readable message."""
-
-    def __init__(self, problem: str):
-        super().__init__(f"error: {problem}\n{EXPECTED_LAYOUT}")
 
 
 def _child_dirs_by_lower_name(folder: Path) -> dict[str, Path]:
@@ -115,50 +92,6 @@ def discover_dataset(data_dir: str | Path) -> DataSplit:
     return DataSplit(root, "raw", labelled_images(class_dirs), None)
 
 
-def stratified_split(samples: list[tuple[str, int]], fraction: float, seed: int):
-    """Seeded stratified split; the held-out side gets at least one image per class."""
-    from sklearn.model_selection import train_test_split
-
-    labels = [label for _, label in samples]
-    # Stratification allocates held-out images in proportion to the class counts: a side of at least
-    # len / rarest-class-count images is what makes that at least one image of the rarest class.
-    held_out = max(len(CLASS_NAMES), round(fraction * len(samples)), -(-len(samples) // min(Counter(labels).values())))
-    kept, taken = train_test_split(samples, test_size=held_out, stratify=labels, random_state=seed)
-    return sorted(kept), sorted(taken)
-
-
-def make_split_manifest(data: DataSplit, val_fraction: float, test_fraction: float, seed: int) -> dict:
-    """Train/val/test lists (paths relative to the data root) that every later step reuses."""
-    train, test = data.train, data.test
-    if test is None:
-        train, test = stratified_split(train, test_fraction, seed)
-    train, val = stratified_split(train, val_fraction, seed)
-
-    def rel(samples):
-        return [[os.path.relpath(path, data.root), label] for path, label in samples]
-
-    return {
-        "data_dir": str(data.root.resolve()),
-        "layout": data.layout,
-        "seed": seed,
-        "class_names": list(CLASS_NAMES),
-        "train": rel(train),
-        "val": rel(val),
-        "test": rel(test),
-    }
-
-
-def split_digest(manifest: dict) -> str:
-    """A short name for which images a manifest puts on each side: checkpoints record it, so a manifest
-    that a later run replaced is noticed."""
-    return hashlib.sha1(json.dumps([manifest[side] for side in ("train", "val", "test")]).encode()).hexdigest()[:16]
-
-
-def manifest_samples(manifest: dict, side: str) -> list[tuple[str, int]]:
-    root = Path(manifest["data_dir"])
-    return [(str(root / rel), int(label)) for rel, label in manifest[side]]
-
-
 class Clahe:
     """decoding.equalise as a transform of a greyscale PIL image (--clahe), with the settings a checkpoint records."""
 
@@ -180,42 +113,42 @@ class IntensityJitter:
 
 def train_transform(
     size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, clahe: bool = False, intensity: bool = False
-) -> transforms.Compose:
-    """The original design's enhanced augmentation (saturation jitter dropped: a no-op on greyscale),
-    optionally with CLAHE after the crop and intensity augmentation after the colour jitter."""
+) -> v2.Compose:
+    """Random resized crop, horizontal flip, rotation, brightness and contrast jitter (config.AUGMENTATION;
+    no saturation jitter: a no-op on greyscale), optionally with CLAHE before the crop and intensity
+    augmentation after the colour jitter."""
     a = AUGMENTATION
     # CLAHE at the size the fast path equalises its cached training images, before the crop, as it does.
-    equalised = [transforms.Resize((train_cache_size(size),) * 2), Clahe()] if clahe else []
-    return transforms.Compose([
+    equalised = [v2.Resize((train_cache_size(size),) * 2), Clahe()] if clahe else []
+    return v2.Compose([
         *equalised,
-        transforms.RandomResizedCrop(size, scale=a["crop_scale"], ratio=a["crop_ratio"]),
-        transforms.RandomHorizontalFlip(a["hflip_p"]),
-        transforms.RandomRotation(degrees=a["degrees"]),
-        transforms.ColorJitter(brightness=a["brightness"], contrast=a["contrast"]),
-        transforms.Grayscale(num_output_channels=3),
-        transforms.ToTensor(),
+        v2.RandomResizedCrop(size, scale=a["crop_scale"], ratio=a["crop_ratio"]),
+        v2.RandomHorizontalFlip(a["hflip_p"]),
+        v2.RandomRotation(degrees=a["degrees"]),
+        v2.ColorJitter(brightness=a["brightness"], contrast=a["contrast"]),
+        v2.Grayscale(num_output_channels=3),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
         *([IntensityJitter()] if intensity else []),
-        transforms.Normalize(mean, std),
+        v2.Normalize(mean, std),
     ])  # fmt: skip
 
 
-def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, clahe: dict | None = None) -> transforms.Compose:
+def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, clahe: dict | None = None) -> v2.Compose:
     """Resize, then CLAHE with the given settings (see config.CLAHE) when asked for, then normalise."""
-    return transforms.Compose([
-        transforms.Resize((size, size)),
+    return v2.Compose([
+        v2.Resize((size, size)),
         *([Clahe(**clahe)] if clahe else []),
-        transforms.Grayscale(num_output_channels=3),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
+        v2.Grayscale(num_output_channels=3),
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
     ])  # fmt: skip
 
 
-def checkpoint_transform(checkpoint: dict) -> transforms.Compose:
+def checkpoint_transform(checkpoint: Checkpoint) -> v2.Compose:
     """The evaluation transform a checkpoint was trained with: its size, normalisation and preprocessing."""
-    # Checkpoints written before the settings were recorded name only the flag: today's settings then.
-    legacy = CLAHE if checkpoint.get("config", {}).get("clahe") else None
-    clahe = checkpoint["preprocessing"].get("clahe") if "preprocessing" in checkpoint else legacy
-    return eval_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"], clahe)
+    return eval_transform(checkpoint.image_size, checkpoint.mean, checkpoint.std, checkpoint.clahe)
 
 
 class XrayDataset(torch.utils.data.Dataset):
@@ -276,86 +209,87 @@ class EpochSampler(torch.utils.data.Sampler[tuple[int, int]]):
         return -(-total // self.dist.world_size)
 
 
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How make_loaders reads, batches and augments the images."""
+
+    image_size: int
+    batch_size: int
+    seed: int
+    oversample: bool  # RandomOverSampler-balanced training epochs
+    fast_data: bool  # decoded caches and augmentation on the device, else per-image PIL transforms
+    cache_dir: Path
+    num_workers: int
+    clahe: bool = False  # on every side
+    intensity: bool = False  # intensity augmentation, on the training side
+
+    @property
+    def eval_batch_size(self) -> int:
+        return max(self.batch_size * 4, 64)  # no gradients: larger batches are free
+
+
 def make_loaders(
-    manifest: dict,
-    device: torch.device,
-    *,
-    image_size: int,
-    batch_size: int,
-    seed: int,
-    oversample: bool,
-    fast_data: bool,
-    cache_dir: Path,
-    num_workers: int,
-    dist: DistributedContext = SINGLE_PROCESS,
-    clahe: bool = False,
-    intensity: bool = False,
-):
+    manifest: dict, device: torch.device, settings: LoaderSettings, dist: DistributedContext = SINGLE_PROCESS
+) -> tuple:
     """Train, validation and test loaders (this rank's shards): the fast cached/device path,
-    or per-image PIL transforms. CLAHE applies to every side, intensity augmentation to train."""
-    train = manifest_samples(manifest, "train")
-    size = image_size
-    sampler = EpochSampler([label for _, label in train], seed, oversample, dist)
-    drop_last = len(sampler) > batch_size
-    sides = {side: manifest_samples(manifest, side) for side in ("val", "test")}
-    eval_batch = max(batch_size * 4, 64)  # no gradients: larger batches are free
-    if fast_data:
-        workers = max(2, num_workers)
-        pin = device.type == "cuda"
+    or per-image PIL transforms."""
+    loaders = []
+    for side in ("train", "val", "test"):
+        samples = manifest_samples(manifest, side)
+        if side == "train":
+            order = EpochSampler([label for _, label in samples], settings.seed, settings.oversample, dist)
+        else:
+            order = ShardOrder(len(samples), dist)
+        loaders.append(side_loader(side, samples, order, device, settings))
+    return tuple(loaders)
 
-        def cached(samples, cache_size, batch_size, sampler=None, drop=False):
-            cache = decoded_cache([p for p, _ in samples], cache_size, cache_dir, workers)
-            return CachedBatches(cache, [label for _, label in samples], batch_size, sampler, drop, pin, clahe)
 
-        channels_last = use_channels_last(device)
-        train_loader = DeviceBatches(
-            cached(train, side_cache_sizes(size)["train"], batch_size, sampler, drop_last),
-            device,
-            size,
-            augment=True,
-            channels_last=channels_last,
-            intensity=intensity,
+def side_loader(side: str, samples: list[tuple[str, int]], order, device: torch.device, settings: LoaderSettings):
+    """One side's loader, its batches in the sampler's `order`: training batches are augmented and a short
+    last one is dropped."""
+    train = side == "train"
+    batch_size = settings.batch_size if train else settings.eval_batch_size
+    drop_last = train and len(order) > batch_size
+    pin_memory = device.type == "cuda"
+    if settings.fast_data:
+        paths, labels = [path for path, _ in samples], [label for _, label in samples]
+        cache = decoded_cache(
+            paths, side_cache_sizes(settings.image_size)[side], settings.cache_dir, max(2, settings.num_workers)
         )
-        val_loader, test_loader = (
-            DeviceBatches(
-                cached(sides[side], side_cache_sizes(size)[side], eval_batch, ShardOrder(len(sides[side]), dist)),
-                device,
-                size,
-                augment=False,
-                channels_last=channels_last,
-            )
-            for side in ("val", "test")
-        )
-        return train_loader, val_loader, test_loader
-    loader_args = dict(num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
-    train_loader = torch.utils.data.DataLoader(
-        XrayDataset(train, train_transform(size, clahe=clahe, intensity=intensity)),
+        batches = CachedBatches(cache, labels, batch_size, order, drop_last, pin_memory, settings.clahe)
+        intensity = train and settings.intensity
+        return DeviceBatches(batches, device, settings.image_size, train, use_channels_last(device), intensity)
+    if train:
+        transform = train_transform(settings.image_size, clahe=settings.clahe, intensity=settings.intensity)
+    else:
+        transform = eval_transform(settings.image_size, clahe=CLAHE if settings.clahe else None)
+    return torch.utils.data.DataLoader(
+        XrayDataset(samples, transform),
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=order,
         drop_last=drop_last,
-        **loader_args,
+        num_workers=settings.num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=settings.num_workers > 0,
     )
-    val_loader, test_loader = (
-        torch.utils.data.DataLoader(
-            XrayDataset(sides[side], eval_transform(size, clahe=CLAHE if clahe else None)),
-            batch_size=eval_batch,
-            sampler=ShardOrder(len(sides[side]), dist),
-            **loader_args,
-        )
-        for side in ("val", "test")
-    )
-    return train_loader, val_loader, test_loader
+
+
+@dataclass(frozen=True)
+class PreparationSettings:
+    """How prepare_manifest splits the data, and what it does with unreadable files and copies across sides."""
+
+    val_fraction: float
+    test_fraction: float
+    seed: int
+    strict: bool = False  # refuse unreadable files rather than skip them
+    dedup: bool = False  # remove near copies from the held-out sides too, not only exact ones
 
 
 def prepare_manifest(
     data_dir: str,
     manifest_path: Path,
+    settings: PreparationSettings,
     *,
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
-    strict: bool,
-    dedup: bool,
     workers: int,
     cache_dir: Path | None = None,
     image_size: int = 0,
@@ -367,62 +301,24 @@ def prepare_manifest(
     data = discover_dataset(data_dir)
     paths = [path for path, _ in data.train + (data.test or [])]
     cache_sizes = side_cache_sizes(image_size) if cache_dir and image_size else {}
-    settings = dict(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, strict=strict, dedup=dedup)
-    # Everything the split, the leak report and the caches depend on besides the files themselves
-    methods = (PREPARATION_VERSION, SCAN_VERSION, NEAR_DUPLICATE_BITS, *map(version, ("scikit-learn", "ImageHash")))
-    preparation = fingerprint(paths, *methods, sorted(settings.items()), sorted(cache_sizes.items()))
+    preparation = preparation_key(paths, settings, cache_sizes)
     if cache_dir is not None and (manifest := prepared_manifest(manifest_path, preparation, cache_dir)):
         print(f"Preparing data: {len(paths)} images and settings unchanged, split read from {manifest_path}")
         print(data_report(manifest, manifest_path, [cache_dir / name for name in manifest["preparation"]["caches"]]))
         return manifest
     scan = scan_images(paths, workers, cache_dir, tuple(sorted(set(cache_sizes.values()))))
-    if scan.unreadable:
-        listing = "\n".join(f"  {path}: {reason}" for path, reason in sorted(scan.unreadable.items()))
-        if strict:
-            raise SystemExit(f"error: {len(scan.unreadable)} image files cannot be read (--strict):\n{listing}")
-        print(f"WARNING: skipping {len(scan.unreadable)} image files that cannot be read:\n{listing}", file=sys.stderr)
-        data.train = [s for s in data.train if s[0] not in scan.unreadable]
-        data.test = None if data.test is None else [s for s in data.test if s[0] not in scan.unreadable]
-        for side, samples in (("train", data.train), ("test", data.test or data.train)):
-            refuse_one_class(samples, side, "once unreadable files were skipped")
-    manifest = make_split_manifest(data, val_fraction, test_fraction, seed)
-    manifest["unreadable"] = [[os.path.relpath(p, data.root), reason] for p, reason in sorted(scan.unreadable.items())]
-    # What --test-only needs to recognise training images by content (exact and near copies), wherever the
-    # folder is later moved or copied.
-    manifest["content_sha1"] = {os.path.relpath(p, data.root): sha1 for p, sha1 in sorted(scan.pixel_hash.items())}
-    manifest["content_phash"] = {
-        os.path.relpath(p, data.root): scan.perceptual_hash[scan.row[p]].tobytes().hex()
-        for p in sorted(scan.pixel_hash)
-    }
-    leaks = find_leaks(manifest, scan)
-    if leaks:
-        exact = sum(leak["kind"] == "exact" for leak in leaks)
-        action = (
-            "all removed from the held-out side (--dedup)"
-            if dedup
-            else "exact copies removed from the held-out side; --dedup removes the near ones too"
-        )
-        print(
-            f"WARNING: {exact} exact and {len(leaks) - exact} near-duplicate pairs between train, val and test "
-            f"({action}); list in {manifest_path.name}",
-            file=sys.stderr,
-        )
-        # An exact copy of a training image is never a test image; near copies are the user's call.
-        manifest = drop_leaks(manifest, [leak for leak in leaks if dedup or leak["kind"] == "exact"])
-        for side in ("val", "test"):  # AUC, thresholds and early stopping need both classes
-            refuse_one_class(manifest[side], side, "once copies of training or validation images were removed "
-                             "from it: add images of that class that are not copies")  # fmt: skip
-    manifest["leaks"] = leaks
-    caches = [
-        decoded_cache(
-            [path for path, _ in manifest_samples(manifest, side)],
-            size,
-            cache_dir,
-            workers,
-            (scan.pixels[size], scan.row) if size in scan.pixels else None,
-        )
-        for side, size in cache_sizes.items()
-    ]
+    data = skip_unreadable(data, scan.unreadable, settings.strict)
+    manifest = make_split_manifest(data, settings.val_fraction, settings.test_fraction, settings.seed)
+    manifest |= scan.recorded(data.root)
+    manifest = drop_leaks(manifest, find_leaks(manifest, scan), settings.dedup, manifest_path.name)
+    for side in ("val", "test"):  # AUC, thresholds and early stopping need both classes
+        refuse_one_class(manifest[side], side, "once copies of training or validation images were removed from it: "
+                         "add images of that class that are not copies")  # fmt: skip
+    caches = []
+    for side, size in cache_sizes.items():  # filled from the pixels the scan resized, not decoded again
+        side_paths = [path for path, _ in manifest_samples(manifest, side)]
+        resized = (scan.pixels[size], scan.row) if size in scan.pixels else None
+        caches.append(decoded_cache(side_paths, size, cache_dir, workers, resized))
     scan.remove_pixels()
     if cache_dir is not None:  # what lets the next run on the same files and settings skip all of the above
         manifest["preparation"] = {"key": preparation, "caches": [Path(cache.filename).name for cache in caches]}
@@ -432,6 +328,28 @@ def prepare_manifest(
     write_json(manifest, manifest_path)
     print(data_report(manifest, manifest_path, [Path(cache.filename) for cache in caches]))
     return manifest
+
+
+def preparation_key(paths: list[str], settings: PreparationSettings, cache_sizes: dict[str, int]) -> str:
+    """A name for everything the split, the leak report and the caches depend on: the files, the settings,
+    the cache sizes and the methods."""
+    methods = (PREPARATION_VERSION, SCAN_VERSION, NEAR_DUPLICATE_BITS, *map(version, ("scikit-learn", "ImageHash")))
+    return fingerprint(paths, *methods, sorted(asdict(settings).items()), sorted(cache_sizes.items()))
+
+
+def skip_unreadable(data: DataSplit, unreadable: dict[str, str], strict: bool) -> DataSplit:
+    """The data without the files that cannot be read, each listed in a warning; with strict, an error instead."""
+    if not unreadable:
+        return data
+    listing = "\n".join(f"  {path}: {reason}" for path, reason in sorted(unreadable.items()))
+    if strict:
+        raise DataError(f"error: {len(unreadable)} image files cannot be read (--strict):\n{listing}")
+    print(f"WARNING: skipping {len(unreadable)} image files that cannot be read:\n{listing}", file=sys.stderr)
+    train = [sample for sample in data.train if sample[0] not in unreadable]
+    test = None if data.test is None else [sample for sample in data.test if sample[0] not in unreadable]
+    for side, samples in (("train", train), ("test", test or train)):
+        refuse_one_class(samples, side, "once unreadable files were skipped")
+    return replace(data, train=train, test=test)
 
 
 def refuse_one_class(samples, side: str, cause: str) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -18,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import read_json, write_json
+from .cache import RowWriter, fingerprint, ordered_map, remove_stale_files, resize_pixels
+from .checkpoint import atomic_write, read_json, write_json
 from .config import CLASS_NAMES
 from .decoding import UNREADABLE_IMAGE_ERRORS, load_xray
-from .fast_data import RowWriter, fingerprint, ordered_map, remove_stale_files, resize_pixels
 from .progress import track
 
 SCAN_VERSION = "sha1+phash16"  # part of the scan file's name: a different hash never reads an old file
@@ -47,14 +49,32 @@ class ImageScan:
         return {path: i for i, path in enumerate(self.paths)}
 
     def hash_words(self, paths: list[str]) -> np.ndarray:
-        """The perceptual hashes of `paths` as four contiguous rows of uint64 words, shape (4, N)."""
-        packed = self.perceptual_hash[[self.row[p] for p in paths]].reshape(-1, 32)
-        return np.ascontiguousarray(packed.view(np.uint64).T)
+        """The perceptual hashes of `paths` as as_hash_words gives them."""
+        return as_hash_words(self.perceptual_hash[[self.row[p] for p in paths]])
+
+    def recorded(self, root: Path) -> dict:
+        """What the split manifest records of the scan, by path relative to `root`: the unreadable files, and what
+        --test-only needs to recognise training images by content (exact and near copies) wherever the folder is
+        later moved or copied: each readable image's pixel sha1 and perceptual hash."""
+        readable = sorted(self.pixel_hash)
+        return {
+            "unreadable": [[os.path.relpath(path, root), reason] for path, reason in sorted(self.unreadable.items())],
+            "content_sha1": {os.path.relpath(path, root): self.pixel_hash[path] for path in readable},
+            "content_phash": {
+                os.path.relpath(path, root): self.perceptual_hash[self.row[path]].tobytes().hex() for path in readable
+            },
+        }
 
     def remove_pixels(self) -> None:
         for path in self.pixels.values():
             path.unlink(missing_ok=True)
         self.pixels = {}
+
+
+def as_hash_words(packed) -> np.ndarray:
+    """Packed 256-bit perceptual hashes (bytes, or uint8 rows of 32) as four contiguous rows of uint64 words,
+    shape (4, N): the form near_pairs compares."""
+    return np.ascontiguousarray(np.frombuffer(packed, dtype=np.uint8).reshape(-1, 32).view(np.uint64).T)
 
 
 def _scan_one(path: str, sizes: tuple[int, ...]) -> tuple:
@@ -110,22 +130,19 @@ def _hex_digests(paths: list[str], sha1: np.ndarray, unreadable: dict[str, str])
 
 
 def _save_scan(record: Path, paths: list[str], sha1, perceptual, unreadable: dict[str, str]) -> None:
-    tmp = record.with_name(f".{record.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(
-            f,
-            sha1=sha1,
-            perceptual=perceptual,
-            unreadable_rows=np.array([i for i, p in enumerate(paths) if p in unreadable], dtype=np.int64),
-            unreadable_reasons=np.array([unreadable[p] for p in paths if p in unreadable], dtype=str),
-        )
-    tmp.replace(record)
+    arrays = {
+        "sha1": sha1,
+        "perceptual": perceptual,
+        "unreadable_rows": np.array([i for i, p in enumerate(paths) if p in unreadable], dtype=np.int64),
+        "unreadable_reasons": np.array([unreadable[p] for p in paths if p in unreadable], dtype=str),
+    }
+    atomic_write(record, lambda f: np.savez(f, **arrays))
 
 
 def _load_scan(record: Path, paths: list[str], pixels: dict[int, Path]) -> ImageScan:
-    with np.load(record, allow_pickle=False) as saved:
-        sha1, perceptual = saved["sha1"], saved["perceptual"]
-        unreadable = {paths[i]: str(reason) for i, reason in zip(saved["unreadable_rows"], saved["unreadable_reasons"])}
+    with np.load(record, allow_pickle=False) as scan:
+        sha1, perceptual = scan["sha1"], scan["perceptual"]
+        unreadable = {paths[i]: str(reason) for i, reason in zip(scan["unreadable_rows"], scan["unreadable_reasons"])}
     return ImageScan(paths, unreadable, _hex_digests(paths, sha1, unreadable), perceptual, pixels, record)
 
 
@@ -194,12 +211,27 @@ def find_leaks(manifest: dict, scan: ImageScan, max_distance: int = NEAR_DUPLICA
     return leaks
 
 
-def drop_leaks(manifest: dict, leaks: list[dict]) -> dict:
-    """Remove each leaking image from its held-out side (val or test); train keeps its copy."""
-    dropped = {(leak["held_out_side"], leak[leak["held_out_side"]]) for leak in leaks}
-    return manifest | {
-        side: [[rel, label] for rel, label in manifest[side] if (side, rel) not in dropped] for side in ("val", "test")
-    }
+def drop_leaks(manifest: dict, leaks: list[dict], dedup: bool, listed_in: str) -> dict:
+    """The manifest with `leaks` listed under "leaks" (a warning says how many, and that they are listed in
+    `listed_in`) and removed from their held-out side (val or test; train keeps its copy): the exact copies, and
+    with dedup the near ones too. An exact copy of a training image is never a test image; near copies are the
+    user's call."""
+    if leaks:
+        exact = sum(leak["kind"] == "exact" for leak in leaks)
+        action = (
+            "all removed from the held-out side (--dedup)"
+            if dedup
+            else "exact copies removed from the held-out side; --dedup removes the near ones too"
+        )
+        print(
+            f"WARNING: {exact} exact and {len(leaks) - exact} near-duplicate pairs between train, val and test "
+            f"({action}); list in {listed_in}",
+            file=sys.stderr,
+        )
+    removed = [leak for leak in leaks if dedup or leak["kind"] == "exact"]
+    dropped = {(leak["held_out_side"], leak[leak["held_out_side"]]) for leak in removed}
+    kept = {side: [[rel, label] for rel, label in manifest[side] if (side, rel) not in dropped] for side in SIDES[1:]}
+    return manifest | kept | {"leaks": leaks}
 
 
 def data_report(manifest: dict, manifest_path: Path, cache_files: list[Path]) -> str:

@@ -5,9 +5,11 @@ PNG, JPEG, TIFF and the like go through Pillow; DICOM (.dcm, or any file that is
 ACR-NEMA files included) through pydicom, with the file's own display transforms.
 
 Wider than 8 bits, black and white are, in this order: the file's VOI LUT or window (DICOM);
-the bits actually stored when the file proves them (8-bit DICOM, a 12-bit TIFF, a 16-bit file
-whose values use the 16th bit); otherwise a robust window from the 0.5th to the 99.5th
-percentile. Error messages name the file and never quote DICOM header values (patient data).
+the bits stored when the header states fewer than the container holds (8-bit DICOM, a 12-bit
+TIFF); otherwise, for every 16-bit PNG or TIFF alike, a robust window from the 0.5th to the
+99.5th percentile. Never a rule chosen by an image's own values: one that crossed 2**15 would
+decode darker than the same picture just below it, a brightness shortcut for whichever scanner
+or class tends to cross it. Error messages name the file and never quote DICOM header values.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ DICOM_EXTENSIONS = {".dcm", ".dicom"}
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # more than 8 bits per pixel
 ROBUST_PERCENTILES = (0.5, 99.5)
 # Part of every cache and scan key: bump it when load_xray's pixels change (the Pillow version too can).
-DECODER_VERSION = f"2-pillow{PIL.__version__}"
+DECODER_VERSION = f"3-pillow{PIL.__version__}"
 
 
 class DicomDecodeError(Exception):
@@ -99,7 +101,7 @@ def load_xray(path: str | Path) -> Image.Image:
         img = ImageOps.exif_transpose(img)
         if img.mode in WIDE_MODES:
             # Pillow's convert("L") would clip everything above 255 to white.
-            return Image.fromarray(_wide_to_uint8(np.asarray(img, dtype=np.float64), img.mode, tiff_bits))
+            return Image.fromarray(_wide_to_uint8(np.asarray(img, dtype=np.float64), tiff_bits))
         return img.convert("L")
 
 
@@ -110,13 +112,11 @@ def _tiff_bits_stored(img: Image.Image) -> int | None:
     return bits if bits and 8 < bits < 16 else None
 
 
-def _wide_to_uint8(values: np.ndarray, mode: str, tiff_bits: int | None) -> np.ndarray:
+def _wide_to_uint8(values: np.ndarray, tiff_bits: int | None) -> np.ndarray:
     if tiff_bits:
         return _to_uint8(values, 0, 2**tiff_bits - 1)
-    # A value that needs the 16th bit proves 16 bits are stored; smaller maxima do not say how many
-    # (a 12-bit radiograph written into a 16-bit PNG as is), so those get the robust window.
-    if mode.startswith("I;16") and values.max() >= 2**15:
-        return _to_uint8(values, 0, 2**16 - 1)
+    # A 16-bit container does not say how many bits the detector filled (a 12-bit radiograph is often
+    # written into a 16-bit PNG as is), and Pillow does not read PNG's sBIT: the same window for all.
     return _to_uint8(values, *np.percentile(values, ROBUST_PERCENTILES))
 
 

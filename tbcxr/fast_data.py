@@ -1,158 +1,20 @@
-"""The fast data path: images decoded once into a uint8 cache, augmented in batches on the device.
+"""The fast data path: batches read from the decoded uint8 caches (cache.py), augmented on the device.
 
-Caches are .npy files streamed to disk row by row (memory stays flat however large the data
-set) and named by what they were made from; decoding runs in worker processes. The batched
-augmentation draws from the same ranges as data.train_transform, so the fast and
+The batched augmentation draws from the same ranges as data.train_transform, so the fast and
 the per-image PIL paths train the same model up to sampling noise.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torchvision import transforms
+from torchvision.transforms import v2
 
 from .config import AUGMENTATION, IMAGENET_MEAN, IMAGENET_STD, INTENSITY_AUGMENTATION
-from .decoding import DECODER_VERSION, equalise, load_xray
-from .progress import track
-
-
-def train_cache_size(image_size: int) -> int:
-    """Training images are cached a little larger than the crop, so the random crop keeps detail."""
-    return int(round(image_size * 1.15))
-
-
-def side_cache_sizes(image_size: int) -> dict[str, int]:
-    """The size each side of the split is cached at."""
-    return {"train": train_cache_size(image_size), "val": image_size, "test": image_size}
-
-
-def resize_pixels(image, size: int) -> np.ndarray:
-    """What the CPU path feeds Resize((size, size)): the same PIL resize (bilinear, antialiased)."""
-    return np.asarray(transforms.functional.resize(image, [size, size]), dtype=np.uint8)
-
-
-def decode_resized(path: str, size: int) -> np.ndarray:
-    return resize_pixels(load_xray(path), size)
-
-
-def fingerprint(paths: list[str], *key) -> str:
-    """A name for what was computed from these files: the key and the decoder's version, then every file's
-    path, size, inode, modification and change times, so a changed data set or decoder gets a fresh cache and a
-    stale one is never read."""
-    digest = hashlib.sha1("|".join(map(str, (*key, DECODER_VERSION))).encode())
-    for path in paths:
-        stat = os.stat(path)
-        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def remove_stale_files(folder: Path, patterns: tuple[str, ...], kept: set[str]) -> None:
-    """Delete the files in `folder` matching `patterns` but not named in `kept`: at 50,000 images each cache is
-    gigabytes, and every change of the files, the split or the size would otherwise leave another copy."""
-    stale = [path for pattern in patterns for path in Path(folder).glob(pattern) if path.name not in kept]
-    if stale:
-        freed = sum(path.stat().st_size for path in stale)
-        for path in stale:
-            path.unlink()
-        print(f"Removed {len(stale)} cache files of earlier preparations from {folder} ({freed / 1e9:.2f} GB)")
-
-
-def cache_file(paths: list[str], size: int, folder: Path) -> Path:
-    return Path(folder) / f"decoded_{size}px_{len(paths)}_{fingerprint(paths, size)}.npy"
-
-
-def _apply(fn: Callable, items: list) -> list:
-    return [fn(item) for item in items]
-
-
-def ordered_map(fn: Callable, items: list, workers: int, chunk: int = 32) -> Iterator:
-    """fn over items in worker processes, results in order.
-
-    Processes, not threads: on small images most of the time goes to Python code that holds the
-    GIL. Measured on 2 cores, scanning 64 px PNGs: 1 process 3,900 images/s, 2 threads 1,700,
-    2 processes 5,900; on 512 px PNGs and 1024 px JPEGs, where Pillow releases the GIL, threads
-    and processes tie. At most two chunks per worker are in flight: memory stays flat."""
-    if workers <= 1 or len(items) <= chunk:  # a pool's start-up would cost more than it saves
-        yield from map(fn, items)
-        return
-    with ProcessPoolExecutor(workers) as pool:
-        pending: deque = deque()
-        for start in range(0, len(items), chunk):
-            pending.append(pool.submit(_apply, fn, items[start : start + chunk]))
-            if len(pending) > 2 * workers:
-                yield from pending.popleft().result()
-        while pending:
-            yield from pending.popleft().result()
-
-
-class RowWriter:
-    """Streams uint8 (size, size) rows, in order, into a .npy file. Written under a temporary
-    name and renamed when complete, so an interrupted run never leaves a torn file behind."""
-
-    def __init__(self, path: Path, count: int, size: int):
-        self.path, self.count, self.written = Path(path), count, 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
-        self.file = open(self.tmp, "wb")
-        header = {"descr": "|u1", "fortran_order": False, "shape": (count, size, size)}
-        np.lib.format.write_array_header_1_0(self.file, header)
-
-    def write(self, row: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(row, dtype=np.uint8).tobytes())
-        self.written += 1
-
-    def __enter__(self) -> RowWriter:
-        return self
-
-    def __exit__(self, error_type, *_) -> None:
-        self.file.close()
-        if error_type is None and self.written == self.count:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink()
-            if error_type is None:
-                raise RuntimeError(f"{self.path}: {self.written} of {self.count} rows written")
-
-
-def read_rows(path: Path, indices: Iterable[int]) -> Iterator[np.ndarray]:
-    """Rows of a uint8 .npy file, one read each: memory stays at one row, however large the file."""
-    with open(path, "rb") as f:
-        np.lib.format.read_magic(f)
-        shape, _, _ = np.lib.format.read_array_header_1_0(f)
-        start, row_bytes = f.tell(), int(np.prod(shape[1:]))
-        for index in indices:
-            f.seek(start + index * row_bytes)
-            yield np.frombuffer(f.read(row_bytes), dtype=np.uint8).reshape(shape[1:])
-
-
-def decoded_cache(
-    paths: list[str], size: int, folder: Path, workers: int = 4, rows_from: tuple[Path, dict[str, int]] | None = None
-) -> np.ndarray:
-    """uint8 greyscale images (N, size, size) in a memory-mapped .npy file named by cache_file.
-
-    Built once: from `rows_from` (a .npy of pixels the scan already resized at this size, and
-    each path's row in it) without decoding, else by decoding in worker processes."""
-    path = cache_file(paths, size, folder)
-    if not path.is_file():
-        if rows_from is not None:
-            source, row_of = rows_from
-            rows = read_rows(source, (row_of[p] for p in paths))
-        else:
-            rows = ordered_map(partial(decode_resized, size=size), paths, workers)
-        with RowWriter(path, len(paths), size) as writer:
-            for row in track(rows, f"Caching {size}px", total=len(paths)):
-                writer.write(row)
-    return np.load(path, mmap_mode="r")
+from .decoding import equalise
 
 
 class CachedBatches:
@@ -195,13 +57,15 @@ class CachedBatches:
             yield images, self.labels[index], chunk[0][1]
 
 
+def draw_uniform(batch: int, generator: torch.Generator | None, device, low: float, high: float) -> torch.Tensor:
+    """`batch` draws from U(low, high)."""
+    return low + (high - low) * torch.rand(batch, generator=generator, device=device)
+
+
 def sample_augmentation(batch: int, generator: torch.Generator, device) -> dict[str, torch.Tensor]:
     """Per-image parameters drawn from AUGMENTATION's ranges (see train_transform)."""
     a = AUGMENTATION
-
-    def uniform(low, high):
-        return low + (high - low) * torch.rand(batch, generator=generator, device=device)
-
+    uniform = partial(draw_uniform, batch, generator, device)
     log_ratio = uniform(np.log(a["crop_ratio"][0]), np.log(a["crop_ratio"][1]))
     area = uniform(*a["crop_scale"])
     width = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)  # crop side / image side
@@ -211,7 +75,7 @@ def sample_augmentation(batch: int, generator: torch.Generator, device) -> dict[
         "height": height,
         "centre_x": uniform(-1, 1) * (1 - width),
         "centre_y": uniform(-1, 1) * (1 - height),
-        "flip": torch.where(torch.rand(batch, generator=generator, device=device) < a["hflip_p"], -1.0, 1.0),
+        "flip": torch.where(uniform(0, 1) < a["hflip_p"], -1.0, 1.0),
         "angle": uniform(-a["degrees"], a["degrees"]),
         "brightness": uniform(1 - a["brightness"], 1 + a["brightness"]),
         "contrast": uniform(1 - a["contrast"], 1 + a["contrast"]),
@@ -221,10 +85,7 @@ def sample_augmentation(batch: int, generator: torch.Generator, device) -> dict[
 def sample_intensity(batch: int, generator: torch.Generator | None, device) -> dict[str, torch.Tensor]:
     """Per-image gamma, blur and noise drawn from INTENSITY_AUGMENTATION's ranges (log-uniform gamma)."""
     a = INTENSITY_AUGMENTATION
-
-    def uniform(low, high):
-        return low + (high - low) * torch.rand(batch, generator=generator, device=device)
-
+    uniform = partial(draw_uniform, batch, generator, device)
     gamma = torch.exp(uniform(np.log(a["gamma"][0]), np.log(a["gamma"][1])))
     return {"gamma": gamma, "blur_sigma": uniform(*a["blur_sigma"]), "noise_std": uniform(*a["noise_std"])}
 
@@ -282,13 +143,6 @@ def augment_batch(images: torch.Tensor, params: dict[str, torch.Tensor], size: i
     return (contrast * out + (1 - contrast) * mean).clamp(0, 1)
 
 
-def normalise_grey(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """(B, 1, H, W) in [0, 1] -> the 3-channel normalised tensor the CPU path makes."""
-    mean = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images.expand(-1, 3, -1, -1) - mean) / std
-
-
 class DeviceBatches:
     """Wraps CachedBatches: copies each uint8 batch to the device, augments it there (train) or
     only normalises it (eval), and yields (images, labels) like a DataLoader."""
@@ -311,14 +165,16 @@ class DeviceBatches:
 
     def __iter__(self):
         for images, labels, seed in self.batches:
-            images = images.to(self.device, non_blocking=True).unsqueeze(1).float().div_(255)
+            images = images.to(self.device, non_blocking=True).unsqueeze(1)
+            images = v2.functional.to_dtype(images, torch.float32, scale=True)  # as the per-image path's ToDtype
             if self.augment:
                 generator = torch.Generator(device=self.device).manual_seed(seed)
                 images = augment_batch(images, sample_augmentation(len(images), generator, self.device), self.size)
                 if self.intensity:
                     params = sample_intensity(len(images), generator, self.device)
                     images = augment_intensity(images, params, generator)
-            images = normalise_grey(images)
+            # Grayscale(3), then Normalize: the tensor the per-image path makes
+            images = v2.functional.normalize(images.expand(-1, 3, -1, -1), IMAGENET_MEAN, IMAGENET_STD)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, labels.to(self.device, non_blocking=True)

@@ -151,3 +151,34 @@ def comparison_roc_figure(labels, named_probs: dict[str, np.ndarray], p_value: s
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_title(f"ROC on the same {len(labels)} images ({p_value})", fontsize=10)
     return save_figure(fig, path)
+
+
+def site_threshold_figure(rows: list[dict], refitted: dict[str, float], path: Path, title: str) -> Path:
+    """Sensitivity (red) and specificity (blue) against the threshold with their 95% bands, the WHO triage
+    targets as dashed lines, and the operating points refitted on the site sample marked."""
+    plt = pyplot()
+    from .metrics import WHO_TRIAGE_MIN_SPECIFICITY, WHO_TRIAGE_SENSITIVITY
+
+    thresholds = [row["threshold"] for row in rows]
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    for metric, colour, target in (
+        ("sensitivity", "tab:red", WHO_TRIAGE_SENSITIVITY),
+        ("specificity", "tab:blue", WHO_TRIAGE_MIN_SPECIFICITY),
+    ):
+        values = [row[metric] for row in rows]
+        ax.plot(thresholds, values, color=colour, marker=".", label=metric)
+        low, high = [row[f"{metric}_ci_low"] for row in rows], [row[f"{metric}_ci_high"] for row in rows]
+        ax.fill_between(thresholds, low, high, color=colour, alpha=0.2, linewidth=0)
+        ax.axhline(target, color=colour, linestyle="--", linewidth=0.9, label=f"WHO triage {metric} {target:.2f}")
+    for (name, threshold), marker in zip(refitted.items(), ("o", "s", "D")):
+        ax.axvline(threshold, color="0.3", linestyle=":", linewidth=0.9)
+        row = next(row for row in rows if row["threshold"] == threshold)
+        ax.scatter([threshold] * 2, [row["sensitivity"], row["specificity"]], color="black", marker=marker,
+                   zorder=3, label=f"site {THRESHOLD_NAMES.get(name, name)} (t={threshold:.3f})")  # fmt: skip
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("P(TB) threshold (positive when P(TB) >= threshold)")
+    ax.set_ylabel("proportion (95% Wilson band)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the curves, never over them
+    ax.set_title(f"Site thresholds: {title}", fontsize=10)
+    return save_figure(fig, path)

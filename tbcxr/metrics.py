@@ -1,13 +1,14 @@
-"""Numbers about predictions: metrics, bootstrap intervals, operating points, temperature, calibration.
+"""Numbers about predictions: metrics, bootstrap intervals, operating points, P(TB) and its calibration.
 
 Tuberculosis is the positive class: sensitivity is TB recall, specificity Normal recall.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
-from torch import nn
 
 from .config import POSITIVE_CLASS
 
@@ -115,28 +116,50 @@ def youden_threshold(fpr: np.ndarray, tpr: np.ndarray, thresholds: np.ndarray) -
     while last + 1 < len(youden) and np.isclose(youden[last + 1], youden[first]):
         last += 1
     lower = thresholds[last + 1] if last + 1 < len(thresholds) else 0.0
+    if thresholds[first] <= lower:
+        # The "nobody is TB" end (its +inf clipped to 1.0) above scores of exactly 1.0: the middle would be 1.0,
+        # and p >= 1.0 calls every saturated score TB. The next float32 above them (probabilities are float32,
+        # and a float64 step would round back to 1.0 in a float32 comparison) keeps J's point.
+        return float(np.nextafter(np.float32(lower), np.float32(np.inf)))
     return float((thresholds[first] + lower) / 2)
 
 
-def operating_threshold(checkpoint: dict) -> float:
-    """The threshold predictions use: Youden's J from validation when stored, else 0.5."""
-    return float(checkpoint.get("thresholds", {}).get("youden", 0.5))
+@dataclass(frozen=True)
+class Calibration:
+    """How P(TB) is read from the network's two logits: sigmoid(scale * d + bias), d = logit_TB - logit_Normal.
+    The defaults are the identity: the network's own softmax."""
+
+    scale: float = 1.0
+    bias: float = 0.0
 
 
-def tb_probability(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    return (logits.float() / temperature).softmax(dim=1)[:, POSITIVE_CLASS]
+def tb_probability(logits: torch.Tensor, calibration: Calibration) -> torch.Tensor:
+    """P(TB) of a batch of two-class logits under `calibration`. Computed as the softmax of
+    (scale * logits + bias on the TB logit), which is sigmoid(scale * d + bias); the identity leaves every
+    logit as it is, so it gives the softmax bit for bit."""
+    shift = torch.zeros(logits.shape[1], device=logits.device)
+    shift[POSITIVE_CLASS] = calibration.bias
+    return (logits.float() * calibration.scale + shift).softmax(dim=1)[:, POSITIVE_CLASS]
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature scaling (Guo et al. 2017): the T minimising validation NLL of softmax(logits / T)."""
-    from scipy.optimize import minimize_scalar
+def fit_calibration(logits: np.ndarray, labels: np.ndarray) -> Calibration:
+    """Platt scaling: the logistic regression of the labels on d = logit_TB - logit_Normal (validation's).
 
-    logits_t, labels_t = torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(labels)
+    A temperature only rescales d; the bias also removes an offset, such as the shift of the log-odds by
+    about log(prevalence ratio) that 1:1 oversampled batches teach. Platt's targets, (N_TB + 1) / (N_TB + 2)
+    for TB and 1 / (N_Normal + 2) for Normal instead of 1 and 0, keep the fit finite (and the scores ranked)
+    when validation is separable, so no penalty is needed."""
+    from sklearn.linear_model import LogisticRegression
 
-    def nll(temperature: float) -> float:
-        return float(nn.functional.cross_entropy(logits_t / temperature, labels_t))
-
-    return float(minimize_scalar(nll, bounds=(0.05, 20.0), method="bounded").x)
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+    d = logits[:, POSITIVE_CLASS] - logits[:, 1 - POSITIVE_CLASS]
+    is_tb = labels == POSITIVE_CLASS
+    target = np.where(is_tb, (is_tb.sum() + 1) / (is_tb.sum() + 2), 1 / ((~is_tb).sum() + 2))
+    # Soft targets as weights: every image once as TB (weight target) and once as Normal (1 - target).
+    both = np.concatenate([d, d])[:, None]
+    as_tb = np.r_[np.ones(len(d)), np.zeros(len(d))]
+    fitted = LogisticRegression(C=np.inf).fit(both, as_tb, sample_weight=np.r_[target, 1 - target])
+    return Calibration(scale=float(fitted.coef_[0, 0]), bias=float(fitted.intercept_[0]))
 
 
 def expected_calibration_error(labels, probs, bins: int = 10) -> float:
@@ -152,30 +175,34 @@ def expected_calibration_error(labels, probs, bins: int = 10) -> float:
     )
 
 
-def format_results(prefix: str, metrics: dict[str, float]) -> str:
+def format_results(prefix: str, metrics: dict[str, float], operating_point: str = "") -> str:
+    """One console line of metrics; `operating_point` names the threshold when it is not 0.5."""
+    at = f" at {operating_point}" if operating_point else ""
     return (
-        f"{prefix} Results - Accuracy: {metrics['accuracy']:.4f}, F1: {metrics['f1']:.4f}, "
+        f"{prefix} Results{at} - Accuracy: {metrics['accuracy']:.4f}, F1: {metrics['f1']:.4f}, "
         f"Sensitivity: {metrics['sensitivity']:.4f}, Specificity: {metrics['specificity']:.4f}, "
         f"AUC: {metrics['auc']:.4f}"
     )
 
 
-def operating_points(val_results: dict, temperature_scaling: bool) -> dict:
-    """Temperature (optional) and thresholds chosen on the validation predictions."""
+def operating_points(val_results: dict, calibrate: bool) -> dict:
+    """The calibration of P(TB) (Platt scaling when `calibrate`, else the identity) and the thresholds on
+    that P(TB), both chosen on the validation predictions."""
     labels, logits = val_results["labels"], val_results["logits"]
-    temperature = fit_temperature(logits.numpy(), labels) if temperature_scaling else 1.0
-    probs = tb_probability(logits, temperature).numpy()
-    return {"temperature": temperature, "thresholds": select_thresholds(labels, probs)}
+    calibration = fit_calibration(logits.numpy(), labels) if calibrate else Calibration()
+    probs = tb_probability(logits, calibration).numpy()
+    return {"calibration": calibration, "thresholds": select_thresholds(labels, probs)}
 
 
 def scalar_metrics(results: dict, prefix: str) -> dict[str, float]:
     return {f"{prefix}_{k}": float(v) for k, v in results.items() if np.isscalar(v) and np.isfinite(v)}
 
 
-def format_p_value(p_value: float, resamples: int) -> str:
-    """A two-sided bootstrap p-value as text. None of the resamples on the far side means p < 2 / resamples
-    (the test's resolution), not p = 0; three decimals cannot show values below 0.001."""
-    if p_value == 0:
+def format_p_value(p_value: float, resamples: int, upper_bound: bool = False) -> str:
+    """A two-sided bootstrap p-value as text. None of the resamples on the far side (an estimate of 0, or
+    upper_bound) means p < 2 / resamples (the test's resolution), not p = 0; three decimals cannot show
+    values below 0.001."""
+    if upper_bound or p_value == 0:
         return f"p < {2 / resamples:.2g}"
     return "p < 0.001" if p_value < 0.001 else f"p = {p_value:.3f}"
 

@@ -13,19 +13,15 @@ from torch import nn
 from torchvision import models
 
 from .config import CLASS_NAMES
+from .errors import WeightsUnavailableError
 
 IMAGENET_WEIGHTS = models.ResNet50_Weights.IMAGENET1K_V2
 
 
-class WeightsUnavailableError(SystemExit):
-    def __init__(self, problem: str):
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
-        super().__init__(
-            f"error: ImageNet weights are not available ({problem}).\n"
-            f"  - place the file at {cache} (download {IMAGENET_WEIGHTS.url} on a machine with internet), or\n"
-            f"  - pass --weights PATH to a ResNet50 state dict or checkpoint, or\n"
-            f"  - pass --weights none to train from scratch (random initialisation)."
-        )
+def weights_unavailable(problem: str) -> WeightsUnavailableError:
+    """The error that says where torch looks for the ImageNet file and where to download it from."""
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(IMAGENET_WEIGHTS.url).name
+    return WeightsUnavailableError(problem, cache, IMAGENET_WEIGHTS.url)
 
 
 def load_backbone_state(weights: str) -> dict | None:
@@ -38,18 +34,18 @@ def load_backbone_state(weights: str) -> dict | None:
         try:
             return IMAGENET_WEIGHTS.get_state_dict(progress=True, check_hash=True, weights_only=True)
         except (OSError, urllib.error.URLError, RuntimeError) as exc:
-            raise WeightsUnavailableError(str(exc)) from exc
+            raise weights_unavailable(str(exc)) from exc
         except pickle.UnpicklingError as exc:
-            raise WeightsUnavailableError(
+            raise weights_unavailable(
                 f"the cached file is not a safe state dict ({exc.__class__.__name__})"
             ) from exc
     path = Path(weights)
     if not path.is_file():
-        raise WeightsUnavailableError(f"--weights file {path} does not exist")
+        raise weights_unavailable(f"--weights file {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise WeightsUnavailableError(
+        raise weights_unavailable(
             f"--weights file {path} is not a safe, readable state dict ({type(exc).__name__})"
         ) from exc
     return state.get("model", state) if isinstance(state, dict) else {}
@@ -63,7 +59,7 @@ def build_model(weights: str = "none", freeze_features: bool = False, num_classe
         backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = model.load_state_dict(backbone, strict=False)
         if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
-            raise WeightsUnavailableError(f"{weights} is not a ResNet50 state dict")
+            raise weights_unavailable(f"{weights} is not a ResNet50 state dict")
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     for name, param in model.named_parameters():
         param.requires_grad = not (freeze_features and not name.startswith("fc."))
@@ -138,7 +134,7 @@ def group_lrs(optimizer: torch.optim.Optimizer, as_set: bool = False) -> dict[st
 def predict_logits(model: nn.Module, loader, device: torch.device):
     """Labels, logits and mean cross-entropy over a loader, in float32 everywhere.
 
-    Model selection, thresholds and temperature are fitted on these scores, and --test-only
+    Model selection, thresholds and P(TB) calibration are fitted on these scores, and --test-only
     recomputes them: no autocast here, so both see the same numbers."""
     model.eval()
     labels, logits, loss_sum = [], [], torch.zeros((), device=device)

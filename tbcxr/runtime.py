@@ -1,18 +1,23 @@
 """Where and how the computation runs.
 
-Device choice, the autocast dtype, seeding, peak memory; and the torchrun side: the process
-group, a rank's shard of a list, gathering shards back in order, and barriers.
+Device choice, the autocast dtype, exact float32 for evaluation, seeding, peak memory; and the
+torchrun side: the process group and its timeout, a rank's shard of a list, gathering shards back
+in order, and barriers.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
 from torch import nn
+
+from .errors import ConfigurationError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -23,9 +28,9 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for but CUDA is not available; use --device cpu or auto")
+        raise ConfigurationError("error: --device cuda was asked for but CUDA is not available; use --device cpu or auto")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit("error: --device mps was asked for but MPS is not available; use --device cpu or auto")
+        raise ConfigurationError("error: --device mps was asked for but MPS is not available; use --device cpu or auto")
     return torch.device(name)
 
 
@@ -44,6 +49,36 @@ def autocast_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None
 def use_channels_last(device: torch.device) -> bool:
     """channels_last memory format: faster convolutions on CUDA; elsewhere the default layout."""
     return device.type == "cuda"
+
+
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model on the device in the memory format training uses there: every evaluation of a checkpoint
+    (at the end of training, --test-only, --compare) computes in the same layout."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if use_channels_last(device) else model
+
+
+@contextmanager
+def ieee_float32():
+    """Convolutions and matrix products in full float32 inside the block, the flags restored after.
+
+    CUDA convolutions use TF32 (10 bits of mantissa) by default from Ampere on: the same weights would then
+    score an image differently from one evaluation to the next (other batches, other kernels) by far more
+    than float32 rounding, enough to move it across a threshold. Training keeps TF32's speed."""
+    if hasattr(torch.backends.cudnn, "conv"):  # torch >= 2.9: the per-backend precision settings
+        settings = [(torch.backends.cudnn.conv, "fp32_precision"), (torch.backends.cuda.matmul, "fp32_precision")]
+        exact = "ieee"
+    else:
+        settings = [(torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")]
+        exact = False
+    saved = [getattr(owner, name) for owner, name in settings]
+    for owner, name in settings:
+        setattr(owner, name, exact)
+    try:
+        yield
+    finally:
+        for (owner, name), value in zip(settings, saved):
+            setattr(owner, name, value)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -72,6 +107,22 @@ class DistributedContext:
 
 
 SINGLE_PROCESS = DistributedContext()  # a plain run, without torchrun
+TIMEOUT_VARIABLE = "TB_DIST_TIMEOUT_MINUTES"
+# The other ranks wait in a barrier while rank 0 scans, leak-checks and caches the data: a first run on
+# 50,000 images (or slow JPEG 2000 DICOMs) takes far longer than NCCL's default of 10 minutes.
+DEFAULT_TIMEOUT_MINUTES = 120.0
+
+
+def process_group_timeout() -> timedelta:
+    """How long a rank waits in a collective before the job fails: TB_DIST_TIMEOUT_MINUTES, else 2 hours."""
+    text = os.environ.get(TIMEOUT_VARIABLE, "")
+    try:
+        minutes = float(text) if text else DEFAULT_TIMEOUT_MINUTES
+    except ValueError:
+        minutes = float("nan")
+    if not minutes > 0:
+        raise ConfigurationError(f"error: {TIMEOUT_VARIABLE}={text!r}: give the timeout as a positive number of minutes")
+    return timedelta(minutes=minutes)
 
 
 def init_distributed(device_name: str) -> tuple[DistributedContext, torch.device]:
@@ -83,7 +134,8 @@ def init_distributed(device_name: str) -> tuple[DistributedContext, torch.device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, timeout=process_group_timeout())
     return DistributedContext(torch.distributed.get_rank(), world_size), device
 
 
@@ -100,7 +152,15 @@ class main_process_first:
 
     def __enter__(self):
         if not self.dist.is_main:
-            barrier(self.dist)
+            try:
+                barrier(self.dist)
+            except RuntimeError as exc:  # gloo raises on a timeout; NCCL's watchdog ends the process instead
+                minutes = process_group_timeout().total_seconds() / 60
+                raise ConfigurationError(
+                    f"error: rank {self.dist.rank} stopped waiting for rank 0's data preparation: it took longer "
+                    f"than the process group timeout ({minutes:g} min; set {TIMEOUT_VARIABLE} for a longer one), "
+                    f"or rank 0 failed ({exc})"
+                ) from exc
 
     def __exit__(self, *exc):
         if self.dist.is_main and exc[0] is None:
@@ -109,10 +169,11 @@ class main_process_first:
 
 
 def shard(items: list, dist: DistributedContext) -> list:
-    """This rank's share: padded (like DistributedSampler) to a multiple of the world size, strided."""
-    if not dist.active:
+    """This rank's share: padded to a multiple of the world size by repeating the list from its start
+    (cycling, so that 2 items fill 8 ranks too: every rank gets equally many), strided."""
+    if not dist.active or not items:
         return items
-    padded = items + items[: (-len(items)) % dist.world_size]
+    padded = [items[i % len(items)] for i in range(-(-len(items) // dist.world_size) * dist.world_size)]
     return padded[dist.rank :: dist.world_size]
 
 

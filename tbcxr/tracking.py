@@ -16,12 +16,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from .errors import ConfigurationError
 
 
 def server_answers(uri: str, timeout: float = 1.0) -> bool:
@@ -90,7 +93,7 @@ def resolve_tracking_uri(explicit: str, port: int, recorded: str = "") -> tuple[
     explicit = absolute_sqlite(explicit or (recorded if store_reachable(recorded) else ""))
     if explicit:
         if explicit.startswith(("http://", "https://")) and not server_answers(explicit, timeout=5.0):
-            raise SystemExit(
+            raise ConfigurationError(
                 f"error: the MLflow tracking server {explicit} does not answer.\n"
                 f"Start it with: mlflow server --host 127.0.0.1 --port {port}  (or drop --tracking-uri)"
             )
@@ -223,14 +226,14 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict, p
     return logger
 
 
-def continue_run(resumed: dict, pending_path: Path) -> RunLogger:
-    """A RunLogger for a resumed checkpoint's run: queued records replayed, missing epochs re-sent."""
+def continue_run(tracking_uri: str, run_id: str, history: list[dict], pending_path: Path) -> RunLogger:
+    """A RunLogger for a resumed run: queued records replayed, epochs of `history` the store lacks re-sent."""
     fail_over_quickly()
-    logger = RunLogger(resumed["tracking_uri"], resumed["mlflow_run_id"], pending_path)
+    logger = RunLogger(tracking_uri, run_id, pending_path)
     try:
         replayed = logger.replay_pending()
         logged = logger.logged_steps("val_loss")  # epochs finished but never sent (killed between save and log)
-        for record in resumed["history"]:
+        for record in history:
             if record["epoch"] not in logged:
                 logger.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
         logger.set_status("RUNNING")
@@ -243,6 +246,21 @@ def continue_run(resumed: dict, pending_path: Path) -> RunLogger:
     return logger
 
 
+@contextmanager
+def active_run(logger: RunLogger):
+    """The logger's run as MLflow's active run, for the fluent log_model APIs. The tracking URI is put back
+    after: set_tracking_uri also sets MLFLOW_TRACKING_URI, which later store choices in this process read."""
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(logger.tracking_uri)
+    try:
+        with mlflow.start_run(run_id=logger.run_id):
+            yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None: unset again
+
+
 def log_model(logger: RunLogger, model: nn.Module, image_size: int) -> None:
     """The best model in MLflow's pt2 format (torch.export: loading it runs no pickled code)."""
     if logger.offline:
@@ -252,15 +270,63 @@ def log_model(logger: RunLogger, model: nn.Module, image_size: int) -> None:
     example = np.zeros((2, 3, image_size, image_size), dtype=np.float32)
     requirements = [f"torch=={torch.__version__.split('+')[0]}"]  # given, so MLflow skips slow inference
     try:
-        mlflow.set_tracking_uri(logger.tracking_uri)
-        with mlflow.start_run(run_id=logger.run_id):
+        with active_run(logger):
             mlflow.pytorch.log_model(
-                model.cpu().eval(), name="model", input_example=example, pip_requirements=requirements
+                model.cpu().eval(),
+                name="model",
+                input_example=example,
+                pip_requirements=requirements,
+                serialization_format="pt2",  # explicit: the default depends on the MLflow version
             )
     except logger.store_errors() as exc:
         logger.go_offline(
             exc, "the model was not logged; it is in the best checkpoint; --resume logs it once the store answers"
         )
+
+
+# What serving imports, pinned to the versions here, so that MLflow need not infer them (slow).
+SERVING_DISTRIBUTIONS = ("torch", "torchvision", "numpy", "pillow", "pydicom", "opencv-python-headless",
+                         "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg")  # fmt: skip
+
+
+def register_servable_model(logger: RunLogger, checkpoint_path: Path, registered_model: str) -> str:
+    """Log the checkpoint as a servable pyfunc (tbcxr/serving.py: images in, decisions out) to the run and
+    register it as a new version of `registered_model`. Returns the console line saying how to serve it;
+    "" when the store cannot be reached (one warning line; the run goes on)."""
+    skipped = (
+        f"the servable model was not registered as {registered_model}; --resume registers it once the store answers"
+    )
+    if logger.offline:
+        print(f"WARNING: MLflow store {logger.tracking_uri} is not reachable; {skipped}", file=sys.stderr)
+        return ""
+    from importlib.metadata import version
+
+    import mlflow
+
+    from . import serving
+
+    requirements = [f"{name}=={version(name).split('+')[0]}" for name in SERVING_DISTRIBUTIONS]
+    try:
+        with active_run(logger), warnings.catch_warnings():
+            # An example would be an image file in every version; the signature says what a request holds.
+            warnings.filterwarnings("ignore", message=".*An input example was not provided")
+            info = mlflow.pyfunc.log_model(
+                name="servable",
+                python_model=serving.__file__,  # models from code: loading runs this file, unpickles nothing
+                code_paths=[str(Path(serving.__file__).parent)],  # the tbcxr package it imports
+                artifacts={serving.CHECKPOINT_ARTIFACT: str(checkpoint_path)},
+                signature=serving.SIGNATURE,
+                pip_requirements=requirements,
+                registered_model_name=registered_model,
+            )
+    except logger.store_errors() as exc:
+        logger.go_offline(exc, skipped)
+        return ""
+    number = info.registered_model_version
+    return (
+        f"Registered model {registered_model} version {number} "
+        f"(serve: mlflow models serve -m models:/{registered_model}/{number} -p 5004 --env-manager local)"
+    )
 
 
 def log_evaluation_run(
@@ -310,9 +376,8 @@ def metric_histories(tracking_uri: str, run_id: str, keys: tuple[str, ...]) -> d
     return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in keys}
 
 
-def log_to_training_run(checkpoint: dict, paths: list[Path]) -> str:
-    """Attach the files to the checkpoint's MLflow run under gradcam/ when its store is reachable."""
-    run_id, uri = checkpoint.get("mlflow_run_id"), checkpoint.get("tracking_uri", "")
+def log_to_training_run(run_id: str, uri: str, paths: list[Path]) -> str:
+    """Attach the files to a checkpoint's MLflow run under gradcam/ when its store is reachable."""
     if not run_id or not uri:
         return "checkpoint names no MLflow run; files written locally only"
     if not store_reachable(uri):

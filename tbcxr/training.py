@@ -1,35 +1,39 @@
-"""One training run's state and the objects it holds, apart from the trainer's stages.
+"""One training run and the objects it holds, apart from the trainer's stages.
 
-RunState is what the epoch loop changes and every checkpoint stores; Run bundles the settings,
-data, model, optimizer and MLflow logger of one run with the paths it writes and `save()`.
+Training is what the trainer's build_training stage makes (model, optimizer, scheduler, scaler, loss);
+Run is what changes as the run goes (its state, checkpoint.RunState, and its MLflow logger), with the
+settings and objects that `save()` and `restore()` need and the paths the run writes.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import checkpoint_dict, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, RunState, write_json
 from .config import (
     CLAHE,
     CLASS_NAMES,
     LAST_CHECKPOINT_NAME,
     MANIFEST_NAME,
     PENDING_RECORDS_NAME,
+    SUMMARY_NAME,
     Profile,
     best_checkpoint_path,
+    profile_for,
 )
-from .data import split_digest
+from .errors import ConfigurationError, TrainingError
+from .figures import save_test_figures
+from .metrics import scalar_metrics
 from .model import count_trainable, group_lrs
 from .runtime import DistributedContext
 from .tracking import RunLogger, SilentLogger, continue_run, resolve_tracking_uri, start_run
+from .train_config import TrainConfig
 
 
 def loss_function(balance: str, train_labels: list[int], device: torch.device) -> nn.Module:
@@ -42,92 +46,65 @@ def loss_function(balance: str, train_labels: list[int], device: torch.device) -
     return nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device))
 
 
-class NonFiniteLossError(SystemExit):
-    def __init__(self, epoch: int, batch: int, value: float):
-        super().__init__(
-            f"error: the training loss became {value} at epoch {epoch}, batch {batch}. The best checkpoint is "
-            "untouched. Start a new run with a lower learning rate (--lr; a resumed run keeps its rates), or "
-            "resume with full precision (--no-amp)."
-        )
-
-
-def load_resumable(path: str) -> dict:
+def load_resumable(path: str) -> Checkpoint:
     """A checkpoint that keeps its training state (last.pth or a periodic one), for --resume."""
-    checkpoint = load_checkpoint(path)
-    if "optimizer" not in checkpoint:
-        raise SystemExit(
+    checkpoint = Checkpoint.load(path)
+    if not checkpoint.resumable:
+        raise ConfigurationError(
             f"error: {path} holds weights only (a best_*.pth file); resume from last.pth or a periodic "
             "checkpoint beside it, which keep the optimizer state"
         )
     last = Path(path).parent / LAST_CHECKPOINT_NAME
     if last.is_file() and not last.samefile(path):
-        latest = load_checkpoint(last)
-        if latest.get("mlflow_run_id") == checkpoint.get("mlflow_run_id") and latest["epoch"] > checkpoint["epoch"]:
-            raise SystemExit(
-                f"error: {path} is epoch {checkpoint['epoch']} of a run that {last} has carried on to epoch "
-                f"{latest['epoch']}: going back would log the epochs after {checkpoint['epoch']} into its MLflow run "
+        latest = Checkpoint.load(last)
+        epoch = checkpoint.state.epoch
+        if latest.mlflow_run_id == checkpoint.mlflow_run_id and latest.state.epoch > epoch:
+            raise ConfigurationError(
+                f"error: {path} is epoch {epoch} of a run that {last} has carried on to epoch "
+                f"{latest.state.epoch}: going back would log the epochs after {epoch} into its MLflow run "
                 "a second time and keep a best checkpoint chosen among epochs the resumed run drops. Resume from "
                 f"{last}, or score {path} with --test-only"
             )
     return checkpoint
 
 
-def fixed_on_resume(saved: dict) -> dict[str, str]:
-    """The settings a resumed run keeps as they were saved, each with the reason."""
-    fixed = {"selection": "the best checkpoint so far was chosen by its rule"}
-    fixed |= dict.fromkeys(("lr", "backbone_lr_mult", "lr_scale"), "the optimizer's saved state holds the rates")
-    fixed["freeze_features"] = "the optimizer's saved state holds the trained layers"
-    fixed["recipe"] = "the run goes on with its saved settings"
-    fixed["schedule"] = "the scheduler's saved state holds it"
-    if saved["schedule"] == "plateau":
-        fixed["scheduler_patience"] = "the scheduler's saved state holds it"
-    else:
-        fixed |= dict.fromkeys(("epochs", "warmup_epochs"), "they laid out the cosine schedule at the start")
-    return fixed
+def lr_multiplier(lr_scale: str, world_size: int) -> float:
+    """--lr-scale: the factor on the learning rates under torchrun (none: Adam's rates as set)."""
+    return {"none": 1.0, "linear": world_size, "sqrt": world_size**0.5}[lr_scale]
 
 
 @dataclass
-class RunState:
-    """What the epoch loop changes; saved in every checkpoint, restored by --resume."""
+class Training:
+    """What build_training makes once: the model and what trains it."""
 
-    epoch: int = 0
-    best_score: list = field(default_factory=lambda: [-1.0, -float("inf")])  # [val AUC, -val loss]
-    best_epoch: int = 0
-    stale_epochs: int = 0
-    history: list = field(default_factory=list)
-    train_seconds: float = 0.0
-    completed: bool = False
-    thresholds: dict = field(default_factory=lambda: {"default": 0.5})
-    temperature: float = 1.0
-    operating_points_epoch: int = 0  # the epoch whose weights and validation the thresholds come from
-    peak_memory_mb: float = 0.0
+    model: nn.Module  # the plain model: checkpoints keep its keys
+    step_model: nn.Module  # `model` in its DDP and/or torch.compile wrappers: what the training steps call
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    amp_dtype: torch.dtype | None  # None: full precision
+    device: torch.device  # where the model and the loss live
 
 
 @dataclass
 class Run:
-    """Everything one training run holds: settings, where it writes, data, model, optimizer and tracking."""
+    """One training run as it goes: its state and MLflow logger, with what saving and logging need."""
 
-    config: Any  # the trainer's TrainConfig
-    dist: DistributedContext
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    profile: Profile
-    checkpoint_dir: Path
-    manifest: dict = field(default_factory=dict)
-    loaders: tuple = ()
-    model: nn.Module | None = None
-    step_model: nn.Module | None = None  # DDP and/or torch.compile wrappers around `model`
-    optimizer: torch.optim.Optimizer | None = None
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
-    scaler: torch.amp.GradScaler | None = None
-    criterion: nn.Module | None = None
+    config: TrainConfig
+    dist: DistributedContext  # rank 0 saves and logs for the whole job
+    training: Training  # every checkpoint holds its weights; last.pth also its optimizer, scheduler and scaler
+    split_digest: str  # of the split manifest the run trains on, recorded in every checkpoint
     logger: RunLogger | SilentLogger = field(default_factory=SilentLogger)
     state: RunState = field(default_factory=RunState)
 
-    @cached_property
-    def manifest_digest(self) -> str:
-        """Of the manifest, which is set before the first save and never changes: not recomputed per save."""
-        return split_digest(self.manifest)
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.config.checkpoint_dir)
+
+    @property
+    def profile(self) -> Profile:
+        return profile_for(self.config.freeze_features)
 
     @property
     def manifest_path(self) -> Path:
@@ -140,6 +117,10 @@ class Run:
     @property
     def best_path(self) -> Path:
         return best_checkpoint_path(self.checkpoint_dir, self.config.freeze_features)
+
+    @property
+    def summary_path(self) -> Path:
+        return self.checkpoint_dir / SUMMARY_NAME
 
     @property
     def pending_path(self) -> Path:
@@ -158,95 +139,134 @@ class Run:
         """Write a checkpoint of the current weights and state (rank 0 only)."""
         if not self.dist.is_main:
             return
-        checkpoint = checkpoint_dict(
-            self.model,
+        training = self.training
+        checkpoint = Checkpoint.from_model(
+            training.model,
             asdict(self.config),
             self.config.image_size,
+            state=self.state,
+            clahe=dict(CLAHE) if self.config.clahe else None,
+            split_digest=self.split_digest,
             mlflow_run_id=self.logger.run_id,
             tracking_uri=self.logger.tracking_uri,
-            # what evaluation and GradCAM must redo to see the images as training did
-            preprocessing={"clahe": dict(CLAHE)} if self.config.clahe else {},
-            split_digest=self.manifest_digest,
-            **asdict(self.state),
         )
         if include_training_state:
-            checkpoint |= {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-            }
-        save_checkpoint(checkpoint, path)
+            checkpoint.optimizer_state = training.optimizer.state_dict()
+            checkpoint.scheduler_state = training.scheduler.state_dict()
+            checkpoint.scaler_state = training.scaler.state_dict()
+        checkpoint.save(path)
 
-    def open_tracking(self, resumed: dict | None) -> None:
+    def save_epoch(self, improved: bool) -> None:
+        """The checkpoints of the epoch just validated: a periodic one every --save-every epochs, last.pth, and
+        the best file when the epoch `improved` on the best so far."""
+        epoch = self.state.epoch
+        if epoch % self.config.save_every == 0:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            self.save(self.checkpoint_dir / f"{stamp}_epoch{epoch}_{self.profile.model_stem}.pth")
+        # last.pth before the best file: a kill between the two leaves a best epoch that --resume rewrites from
+        # last.pth, never a best file of an epoch the resumed run trains again.
+        self.save(self.last_path)
+        if improved:
+            self.save(self.best_path, include_training_state=False)
+
+    def open_tracking(self, resumed: Checkpoint | None) -> None:
         """Continue a resumed checkpoint's MLflow run, or start one with the config, sizes and split manifest."""
         if resumed:
-            self.logger = continue_run(resumed, self.pending_path)
+            self.logger = continue_run(
+                resumed.tracking_uri, resumed.mlflow_run_id, resumed.state.history, self.pending_path
+            )
             return
         tracking_uri, source = resolve_tracking_uri(self.config.tracking_uri, self.profile.port)
         print(f"MLflow: {tracking_uri} ({source}), experiment {self.config.experiment}")
         run_name = f"{self.profile.model_stem}-{datetime.now():%Y%m%d-%H%M%S}"
         self.logger = start_run(tracking_uri, self.config.experiment, run_name, asdict(self.config), self.pending_path)
         world = self.dist.world_size
-        self.logger.log_metrics({"trainable_parameters": count_trainable(self.model), "world_size": world,
+        self.logger.log_metrics({"trainable_parameters": count_trainable(self.training.model), "world_size": world,
                                  "global_batch_size": self.config.batch_size * world})  # fmt: skip
         self.logger.log_artifact(self.manifest_path)
 
-    def restore(self, resumed: dict) -> None:
+    def restore(self, resumed: Checkpoint) -> None:
         """Weights, optimizer, scheduler, scaler and state of a checkpoint that keeps its training state."""
-        self.model.load_state_dict(resumed["model"])
-        self.optimizer.load_state_dict(resumed["optimizer"])
-        self.scheduler.load_state_dict(resumed["scheduler"])
-        if resumed["scaler"]:  # empty when the run was saved without fp16 (a disabled GradScaler)
-            self.scaler.load_state_dict(resumed["scaler"])
-        self.state = RunState(**{key: resumed[key] for key in asdict(RunState()) if key in resumed})
+        training = self.training
+        training.model.load_state_dict(resumed.model_state)
+        training.optimizer.load_state_dict(resumed.optimizer_state)
+        training.scheduler.load_state_dict(resumed.scheduler_state)
+        if resumed.scaler_state:  # empty when the run was saved without fp16 (a disabled GradScaler)
+            training.scaler.load_state_dict(resumed.scaler_state)
+        self.state = resumed.state
 
-    def summary(self, best_epoch: int, test_metrics: dict) -> dict:
-        """What summary.json records about the finished run."""
-        return {
-            "test_metrics": test_metrics, "best_epoch": best_epoch, "epochs_trained": self.state.epoch,
+    def load_best(self) -> Checkpoint:
+        """The best checkpoint, refused when this run did not write it (an earlier run's in the same folder):
+        such a file is never scored."""
+        best = Checkpoint.load(self.best_path)
+        another_run = self.dist.is_main and best.mlflow_run_id != self.logger.run_id  # only rank 0 knows the run
+        if best.state.epoch != self.state.best_epoch or another_run:
+            raise TrainingError(
+                f"error: {self.best_path} is not this run's best checkpoint: it holds epoch {best.state.epoch} of "
+                f"MLflow run {best.mlflow_run_id}, this run chose epoch {self.state.best_epoch} of run "
+                f"{self.logger.run_id}. Nothing was scored"
+            )
+        return best
+
+    def record_test(self, best_epoch: int, test_results: dict, at_operating_point: dict) -> dict:
+        """Log the test metrics and figures, and write summary.json (logged too); returns what it records.
+        `at_operating_point`: the test metrics at the recommended operating point, with its name and threshold."""
+        test_metrics = scalar_metrics(test_results, "test")
+        self.logger.log_metrics(test_metrics)
+        for path in save_test_figures(test_results["labels"], test_results["probs"], self.checkpoint_dir):
+            self.logger.log_artifact(path, artifact_path="test")
+        summary = {
+            "test_metrics": test_metrics, "test_metrics_at_operating_point": at_operating_point,
+            "best_epoch": best_epoch, "epochs_trained": self.state.epoch,
             "train_seconds": self.state.train_seconds, "peak_memory_mb": self.state.peak_memory_mb,
-            "trainable_parameters": count_trainable(self.model), "best_checkpoint": str(self.best_path),
+            "trainable_parameters": count_trainable(self.training.model), "best_checkpoint": str(self.best_path),
             "last_checkpoint": str(self.last_path), "split_manifest": str(self.manifest_path),
             "mlflow_run_id": self.logger.run_id, "tracking_uri": self.logger.tracking_uri,
             "experiment": self.config.experiment, "config": asdict(self.config),
         }  # fmt: skip
+        write_json(summary, self.summary_path)
+        self.logger.log_artifact(self.summary_path)
+        return summary
 
-    def print_header(self, lr_mult: float) -> None:
-        """The original design's opening lines, then where the data and the processes are."""
-        config, manifest, run = self.config, self.manifest, self
-        print(f"Training ResNet50 for TB classification - {run.profile.title}")
-        print(f"Device: {run.device}")
-        if config.freeze_features:
-            print("FEATURES FROZEN - only the final layer trains (transfer-learning baseline)")
-        else:
-            print("ALL LAYERS TRAINABLE - Full network training enabled")
-        print(f"Model has {count_trainable(run.model):,} trainable parameters")
-        # The rates as set: a warm-up schedule has already lowered the current ones.
-        lrs = group_lrs(run.optimizer, as_set=True)
-        if "backbone" in lrs:
-            print(f"Using different learning rates: Backbone {lrs['backbone']:.2e}, Classifier {lrs['classifier']:.2e}")
-        else:
-            print(f"Using a single learning rate: Classifier {lrs['classifier']:.2e}")
-        if config.recipe == "from-scratch":
-            options = (("CLAHE", config.clahe), ("intensity augmentation", config.intensity_augment))
-            extras = [name for name, on in options if on]
-            warmup = f", {config.warmup_epochs}-epoch warm-up" if config.schedule == "cosine" else ""
-            print(f"From-scratch recipe for random initial weights ({config.schedule} schedule{warmup}"
-                  f"{''.join(', ' + e for e in extras)}); --recipe original: the original design's")  # fmt: skip
-        print(
-            f"Data: {manifest['layout']} layout in {manifest['data_dir']}; "
-            + ", ".join(f"{side} {len(manifest[side])}" for side in ("train", "val", "test"))
-            + " images; "
-            + (
-                "decoded once into a cache, augmented in batches on the device"
-                if config.fast_data
-                else "per-image PIL transforms"
-            )
+
+def print_header(
+    config: TrainConfig, recipe_reason: str, manifest: dict, training: Training, device, dist: DistributedContext
+) -> None:
+    """The original design's opening lines, then where the data and the processes are."""
+    print(f"Training ResNet50 for TB classification - {profile_for(config.freeze_features).title}")
+    print(f"Device: {device}")
+    if config.freeze_features:
+        print("FEATURES FROZEN - only the final layer trains (transfer-learning baseline)")
+    else:
+        print("ALL LAYERS TRAINABLE - Full network training enabled")
+    print(f"Model has {count_trainable(training.model):,} trainable parameters")
+    # The rates as set: a warm-up schedule has already lowered the current ones.
+    lrs = group_lrs(training.optimizer, as_set=True)
+    if "backbone" in lrs:
+        print(f"Using different learning rates: Backbone {lrs['backbone']:.2e}, Classifier {lrs['classifier']:.2e}")
+    else:
+        print(f"Using a single learning rate: Classifier {lrs['classifier']:.2e}")
+    print(f"Recipe: {config.recipe} ({recipe_reason})")
+    if config.recipe == "from-scratch":
+        options = (("CLAHE", config.clahe), ("intensity augmentation", config.intensity_augment))
+        extras = [name for name, on in options if on]
+        warmup = f", {config.warmup_epochs}-epoch warm-up" if config.schedule == "cosine" else ""
+        print(f"From-scratch recipe for random initial weights ({config.schedule} schedule{warmup}"
+              f"{''.join(', ' + e for e in extras)}); --recipe original: the original design's")  # fmt: skip
+    print(
+        f"Data: {manifest['layout']} layout in {manifest['data_dir']}; "
+        + ", ".join(f"{side} {len(manifest[side])}" for side in ("train", "val", "test"))
+        + " images; "
+        + (
+            "decoded once into a cache, augmented in batches on the device"
+            if config.fast_data
+            else "per-image PIL transforms"
         )
-        if run.dist.active:
-            world = run.dist.world_size
-            print(
-                f"Distributed: {world} processes ({torch.distributed.get_backend()}); global batch "
-                f"{config.batch_size} x {world} = {config.batch_size * world}; learning rates "
-                + (f"x {lr_mult:g} (--lr-scale {config.lr_scale})" if lr_mult != 1 else "unscaled (--lr-scale none)")
-            )
+    )
+    if dist.active:
+        world, lr_mult = dist.world_size, lr_multiplier(config.lr_scale, dist.world_size)
+        print(
+            f"Distributed: {world} processes ({torch.distributed.get_backend()}); global batch "
+            f"{config.batch_size} x {world} = {config.batch_size * world}; learning rates "
+            + (f"x {lr_mult:g} (--lr-scale {config.lr_scale})" if lr_mult != 1 else "unscaled (--lr-scale none)")
+        )

@@ -1,14 +1,22 @@
 """Shared fixtures: tiny generated X-ray folders, the real shared data when present, a check that
-the repository is left clean, and a real `mlflow server` on a free loopback port."""
+the repository is left clean, a real `mlflow server` on a free loopback port, quick MLflow stores and
+finished training runs that several tests share.
+
+Speed (the suite runs on 2 cores): in this process, a new sqlite MLflow store starts as a copy of one
+store migrated once per session (a migration takes seconds), and the trainer does not log the model to
+MLflow (torch.export takes about 10 s a run), except in the tests marked `real_log_model`."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +63,76 @@ def repository_left_clean():
     assert not written, f"the tests wrote {len(written)} files into {ROOT}: {written[:5]}"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_log_model: the trainer logs the model to MLflow for real (torch.export)")
+
+
+@pytest.fixture(scope="session")
+def migrated_store(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store with every migration applied, made once per session."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    folder = tmp_path_factory.mktemp("migrated_store")
+    store = SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", (folder / "mlruns").as_uri())
+    store.engine.dispose()  # everything written to the file before it is copied
+    return folder / "mlflow.db"
+
+
+def copied_store(folder: Path, migrated: Path) -> str:
+    """The URI of a new sqlite store in `folder`, a copy of the migrated one: for subprocesses, which the
+    in-process copying of quick_mlflow does not reach."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(migrated, folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+# The trainer's MLflow model logging, skipped outside real_log_model tests: the pt2 model (torch.export) and
+# the servable pyfunc with its copy of the checkpoint; each stand-in returns what the real one returns offline.
+MODEL_LOGGING = {
+    "log_model": lambda logger, model, image_size: None,
+    "register_servable_model": lambda logger, checkpoint_path, registered_model: "",
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quick_mlflow(migrated_store):
+    """In this process: a sqlite store MLflow opens for the first time starts as a copy of migrated_store
+    (what the migration would have written), and the trainer skips logging the model."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from sqlalchemy.engine import make_url
+
+    import resnet50_tb_full
+
+    original = SqlAlchemyStore.__init__
+
+    def from_migrated_copy(self, db_uri, *args, **kwargs):
+        name = make_url(db_uri).database if db_uri.startswith("sqlite") else None
+        database = Path(name) if name and name != ":memory:" else None
+        new = database is not None and not database.exists() and db_uri not in SqlAlchemyStore._engine_map
+        if new and database.parent.is_dir():
+            shutil.copyfile(migrated_store, database)
+        original(self, db_uri, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SqlAlchemyStore, "__init__", from_migrated_copy)
+        for name, skipped in MODEL_LOGGING.items():
+            if hasattr(resnet50_tb_full, name):  # a refactoring that renames one makes runs slower, not wrong
+                patch.setattr(resnet50_tb_full, name, skipped)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def real_log_model(request, monkeypatch):
+    """Tests marked real_log_model get the trainer's real MLflow model logging."""
+    if request.node.get_closest_marker("real_log_model"):
+        import resnet50_tb_full
+        from tbcxr import tracking
+
+        for name in MODEL_LOGGING:
+            if hasattr(resnet50_tb_full, name):
+                monkeypatch.setattr(resnet50_tb_full, name, getattr(tracking, name))
+
+
 def shared_data(name: str) -> Path:
     """A folder of ../shared/data. A user's clone lacks it and the test skips; under CI its absence fails."""
     path = SHARED_DATA / name
@@ -87,6 +165,15 @@ def make_organized(root: Path, train: int = 12, test: int = 4, size: int = 48) -
 @pytest.fixture
 def organized_data(tmp_path: Path) -> Path:
     return make_organized(tmp_path / "data")
+
+
+@contextmanager
+def exits_with(capsys, pattern: str):
+    """The block ends a script as a user sees it: exit status 1 and `pattern` (a regular expression) on stderr."""
+    with pytest.raises(SystemExit) as exited:
+        yield
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and re.search(pattern, err), err[-3000:]
 
 
 def free_port() -> int:
@@ -161,18 +248,57 @@ def trained_run(tmp_path_factory):
     return {"root": root, "data": data, "uri": uri, "best": root / "ckpt" / "best_resnet50_tb_full_trained.pth"}
 
 
+@pytest.fixture(scope="session")
+def stopped_early_run(tmp_path_factory):
+    """A 40 px final-layer run (layer4 maps of 2 x 2) stopped early (patience 1) one epoch after its best: its
+    best and last checkpoints hold different weights. Shared by the scoring, --compare and GradCAM tests."""
+    import resnet50_tb_full
+
+    root = tmp_path_factory.mktemp("stopped_early_run")
+    data = make_organized(root / "data", train=12, test=4, size=48)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    summary = resnet50_tb_full.main(
+        ["--data-dir", str(data), "--checkpoint-dir", str(root / "ckpt"), "--tracking-uri", uri, *TINY,
+         *"--image-size 40 --freeze-features --lr 1e-2 --epochs 6 --early-stop-patience 1 --deterministic".split()]
+    )  # fmt: skip
+    ckpt = root / "ckpt"
+    return {"root": root, "data": data, "uri": uri, "summary": summary, "ckpt": ckpt,
+            "best": ckpt / "best_resnet50_tb_finetuned.pth", "last": ckpt / "last.pth"}  # fmt: skip
+
+
 def rescored_test_accuracy(checkpoint_dir: Path) -> float:
     """The best checkpoint's accuracy at 0.5 on its split manifest's test side, scored again from the files."""
     import torch
 
-    from tbcxr.checkpoint import load_checkpoint, read_json
-    from tbcxr.data import manifest_samples
+    from tbcxr.checkpoint import Checkpoint, read_json
     from tbcxr.evaluation import predict_checkpoint
+    from tbcxr.split import manifest_samples
 
     samples = manifest_samples(read_json(checkpoint_dir / "split_manifest.json"), "test")
-    best = load_checkpoint(checkpoint_dir / "best_resnet50_tb_full_trained.pth")
+    best = Checkpoint.load(checkpoint_dir / "best_resnet50_tb_full_trained.pth")
     labels, probs = predict_checkpoint(best, samples, torch.device("cpu"), 16, 0)
     return float(np.mean((probs >= 0.5) == labels))
+
+
+def logits_by_hand(checkpoint_path: Path, images: list):
+    """A checkpoint file's logits for 8-bit greyscale image files, computed without the project's code:
+    torchvision's ResNet50 with a two-class head, resized, greyscale to 3 channels, normalised as stored."""
+    import torch
+    from torchvision import models, transforms
+
+    saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    assert not saved["preprocessing"], "CLAHE is not redone here"
+    model = models.resnet50(weights=None)
+    model.fc = torch.nn.Linear(model.fc.in_features, len(saved["class_names"]))
+    model.load_state_dict(saved["model"])
+    size = saved["image_size"]
+    transform = transforms.Compose([
+        transforms.Resize((size, size)), transforms.Grayscale(num_output_channels=3), transforms.ToTensor(),
+        transforms.Normalize(saved["mean"], saved["std"]),
+    ])  # fmt: skip
+    batch = torch.stack([transform(Image.open(path).convert("L")) for path in images])
+    with torch.no_grad():
+        return model.eval()(batch)
 
 
 def learning_metrics(history: list[dict]) -> list[dict]:

@@ -11,9 +11,11 @@ import torch
 from conftest import make_organized, shared_data, write_xrays
 from PIL import Image
 
-from tbcxr.data import discover_dataset, eval_transform, make_split_manifest, train_transform
+from tbcxr.data import discover_dataset, eval_transform, train_transform
 from tbcxr.decoding import load_xray
 from tbcxr.demo import synthetic_xray
+from tbcxr.errors import DataLayoutError
+from tbcxr.split import make_split_manifest
 
 
 def test_organized_layout_case_insensitive_and_junk_skipped(tmp_path):
@@ -61,10 +63,10 @@ def test_bad_layouts_stop_with_expected_layout_and_demo_hint(tmp_path, breakage)
     else:
         shutil.rmtree(root / "test")
 
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(DataLayoutError) as error:
         discover_dataset(root)
 
-    message = str(error.value.code)
+    message = str(error.value)
     assert message.startswith("error: ")
     assert "DIR/train/Normal" in message and "--demo" in message
 

@@ -3,6 +3,7 @@ per image, the kept scan and caches, and --prepare-only."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -14,12 +15,13 @@ from conftest import make_organized, shared_data
 from PIL import Image
 
 import resnet50_tb_full as trainer
-from tbcxr import data_quality, fast_data
+from tbcxr import cache, data_quality
+from tbcxr.cache import decode_resized, side_cache_sizes
 from tbcxr.checkpoint import read_json
 from tbcxr.config import MANIFEST_NAME
-from tbcxr.data import discover_dataset, make_loaders, make_split_manifest, manifest_samples, prepare_manifest
+from tbcxr.data import LoaderSettings, PreparationSettings, discover_dataset, make_loaders, prepare_manifest
 from tbcxr.data_quality import LEAK_CHUNK, PAIRS, ImageScan, find_leaks, scan_images
-from tbcxr.fast_data import decode_resized, side_cache_sizes
+from tbcxr.split import make_split_manifest, manifest_samples
 
 
 def brute_force_leaks(manifest: dict, bits: dict[str, np.ndarray], sha1: dict[str, str], max_distance: int):
@@ -137,7 +139,7 @@ def decodes(monkeypatch):
 
         return wrapper
 
-    for module in (data_quality, fast_data):
+    for module in (data_quality, cache):
         monkeypatch.setattr(module, "load_xray", counting(module.load_xray))
         monkeypatch.setattr(module, "ordered_map", lambda fn, items, workers: map(fn, items))
     return calls
@@ -145,12 +147,20 @@ def decodes(monkeypatch):
 
 def prepare_and_load(data: Path, tmp_path: Path, seed: int = 1) -> dict:
     """prepare_manifest then make_loaders, as the trainer calls them on the fast data path."""
-    kwargs = dict(val_fraction=0.2, test_fraction=0.2, seed=seed, strict=False, dedup=False, workers=2)
+    split = PreparationSettings(val_fraction=0.2, test_fraction=0.2, seed=seed)
     manifest = prepare_manifest(
-        str(data), tmp_path / MANIFEST_NAME, **kwargs, cache_dir=tmp_path / "cache", image_size=32
+        str(data), tmp_path / MANIFEST_NAME, split, workers=2, cache_dir=tmp_path / "cache", image_size=32
     )
-    loader_args = dict(image_size=32, batch_size=4, seed=1, oversample=False, fast_data=True, num_workers=0)
-    make_loaders(manifest, torch.device("cpu"), cache_dir=tmp_path / "cache", **loader_args)
+    settings = LoaderSettings(
+        image_size=32,
+        batch_size=4,
+        seed=1,
+        oversample=False,
+        fast_data=True,
+        cache_dir=tmp_path / "cache",
+        num_workers=0,
+    )
+    make_loaders(manifest, torch.device("cpu"), settings)
     return manifest
 
 
@@ -165,8 +175,8 @@ def test_each_image_is_decoded_once_and_an_unchanged_set_not_again(tmp_path, dec
     assert len(caches) == 3 and not list((tmp_path / "cache").glob("scan_*px_*.npy"))  # the scan's pixels moved
     for side, size in side_cache_sizes(32).items():  # the caches hold the pixels the decode-per-side path makes
         paths = [path for path, _ in manifest_samples(manifest, side)]
-        cache = fast_data.decoded_cache(paths, size, tmp_path / "cache")
-        assert np.array_equal(cache, np.stack([decode_resized(p, size) for p in paths]))
+        decoded = cache.decoded_cache(paths, size, tmp_path / "cache")
+        assert np.array_equal(decoded, np.stack([decode_resized(p, size) for p in paths]))
 
     decodes.clear()
     capsys.readouterr()
@@ -204,18 +214,21 @@ def test_each_image_is_decoded_once_and_an_unchanged_set_not_again(tmp_path, dec
 def test_a_preparation_is_read_back_only_while_files_settings_and_caches_are_unchanged(tmp_path, capsys, change):
     data = make_organized(tmp_path / "data", train=6, test=2, size=40)
     manifest_path, cache_dir = tmp_path / MANIFEST_NAME, tmp_path / "cache"
-    kwargs = dict(val_fraction=0.2, test_fraction=0.2, seed=1, strict=False, dedup=False, workers=0, image_size=32)
-    prepare_manifest(str(data), manifest_path, **kwargs, cache_dir=cache_dir)
-    prepare_manifest(str(data), manifest_path, **kwargs, cache_dir=cache_dir)
+    split = PreparationSettings(val_fraction=0.2, test_fraction=0.2, seed=1)
+    kwargs = dict(workers=0, image_size=32, cache_dir=cache_dir)
+    prepare_manifest(str(data), manifest_path, split, **kwargs)
+    prepare_manifest(str(data), manifest_path, split, **kwargs)
     assert "images and settings unchanged" in capsys.readouterr().out
 
     if change == "added_file":
         (data / "train" / "Normal" / "extra.png").write_bytes((data / "test" / "Normal" / "img_000.png").read_bytes())
     elif change == "deleted_cache":
         next(cache_dir.glob("decoded_*.npy")).unlink()
+    elif change == "image_size":
+        kwargs["image_size"] = 24
     else:
-        kwargs[change] = {"val_fraction": 0.4, "dedup": True, "image_size": 24}[change]
-    manifest = prepare_manifest(str(data), manifest_path, **kwargs, cache_dir=cache_dir)
+        split = dataclasses.replace(split, **{change: {"val_fraction": 0.4, "dedup": True}[change]})
+    manifest = prepare_manifest(str(data), manifest_path, split, **kwargs)
     assert "images and settings unchanged" not in capsys.readouterr().out
     assert read_json(manifest_path) == manifest
     assert all((cache_dir / name).is_file() for name in manifest["preparation"]["caches"])
@@ -247,7 +260,7 @@ def test_prepare_only_writes_the_manifest_builds_no_model_and_training_reuses_it
     def no_decoding(path):
         raise AssertionError(f"{path} decoded again")
 
-    for module in (data_quality, fast_data):
+    for module in (data_quality, cache):
         monkeypatch.setattr(module, "load_xray", no_decoding)
     with pytest.raises(ModelBuilt):  # the next training run goes from its data straight to the model
         trainer.main(args)

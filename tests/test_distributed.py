@@ -12,9 +12,9 @@ from conftest import TINY as CONFTEST_TINY
 from mlflow.tracking import MlflowClient
 
 import resnet50_tb_full as trainer
-from tbcxr.checkpoint import load_checkpoint, model_from_checkpoint, read_json
+from tbcxr.checkpoint import Checkpoint, read_json
 from tbcxr.config import MANIFEST_NAME
-from tbcxr.data import EpochSampler, make_loaders
+from tbcxr.data import EpochSampler, LoaderSettings, make_loaders
 from tbcxr.runtime import DistributedContext
 
 TINY = [*CONFTEST_TINY, *"--epochs 2 --seed 7 --deterministic".split()]
@@ -84,17 +84,16 @@ def test_two_process_torchrun_writes_one_set_of_outputs_and_evaluates_the_whole_
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")] == [1, 2]
 
     # The gathered validation metrics equal a single-process evaluation of the final weights.
-    last = load_checkpoint(ckpt / "last.pth")
+    last = Checkpoint.load(ckpt / "last.pth")
+    settings = last.config
     assert [
-        group["initial_lr"] if "initial_lr" in group else group["lr"] for group in last["optimizer"]["param_groups"]
-    ] == [pytest.approx(last["config"]["lr"] * last["config"]["backbone_lr_mult"]), pytest.approx(last["config"]["lr"])]
-    model = model_from_checkpoint(last)
+        group["initial_lr"] if "initial_lr" in group else group["lr"] for group in last.optimizer_state["param_groups"]
+    ] == [pytest.approx(settings["lr"] * settings["backbone_lr_mult"]), pytest.approx(settings["lr"])]
+    model = last.model()
     config = trainer.config_from_args(["--resume", str(ckpt / "last.pth")])
     manifest = read_json(ckpt / MANIFEST_NAME)
     assert len(manifest["val"]) % 2 == 1  # an odd count: the sampler's padding must be dropped
-    _, val_loader, _ = make_loaders(
-        manifest,
-        torch.device("cpu"),
+    loader_settings = LoaderSettings(
         image_size=config.image_size,
         batch_size=config.batch_size,
         seed=config.seed,
@@ -103,8 +102,9 @@ def test_two_process_torchrun_writes_one_set_of_outputs_and_evaluates_the_whole_
         cache_dir=ckpt / "cache",
         num_workers=0,
     )
+    _, val_loader, _ = make_loaders(manifest, torch.device("cpu"), loader_settings)
     single = trainer.evaluate(model, val_loader, torch.device("cpu"))
-    logged = last["history"][-1]
+    logged = last.state.history[-1]
     for key in ("accuracy", "f1", "sensitivity", "specificity", "auc"):
         assert logged[f"val_{key}"] == pytest.approx(single[key], abs=1e-9), key
     assert logged["val_loss"] == pytest.approx(single["loss"], rel=1e-5)

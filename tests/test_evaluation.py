@@ -9,20 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import coloured_share, write_xrays
+from conftest import coloured_share, exits_with, write_xrays
 from mlflow.tracking import MlflowClient
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import confusion_matrix
 
 import resnet50_gradcam_tb_full as gradcam
 import resnet50_tb_full as trainer
-from tbcxr import evaluation, figures
-from tbcxr.checkpoint import load_checkpoint, model_from_checkpoint, read_json
+from tbcxr import figures
+from tbcxr.checkpoint import Checkpoint, read_json
 from tbcxr.config import MANIFEST_NAME
-from tbcxr.data import XrayDataset, eval_transform, manifest_samples
-from tbcxr.evaluation import held_out_samples, predict_checkpoint
-from tbcxr.metrics import bootstrap_metrics, classification_metrics, fit_temperature, select_thresholds, with_intervals
-from tbcxr.model import predict_logits
+from tbcxr.data import discover_dataset
+from tbcxr.errors import DataError
+from tbcxr.evaluation import predict_checkpoint
+from tbcxr.metrics import bootstrap_metrics, classification_metrics, select_thresholds, with_intervals
+from tbcxr.split import held_out_samples, manifest_samples
 
 
 def scores(n: int, seed: int = 0):
@@ -52,28 +53,27 @@ def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_more_images():
 
 
 def val_predictions(trained_run):
-    checkpoint = load_checkpoint(trained_run["best"])
+    checkpoint = Checkpoint.load(trained_run["best"])
     manifest = read_json(trained_run["best"].parent / MANIFEST_NAME)
     labels, probs = predict_checkpoint(checkpoint, manifest_samples(manifest, "val"), torch.device("cpu"), 16, 0)
     return checkpoint, labels, probs
 
 
 def count_checkpoint_loads(monkeypatch) -> list:
-    """The paths the trainer and tbcxr.evaluation read checkpoints from, in order (a ResNet50's is ~190 MB)."""
-    loads = []
+    """The paths checkpoints are read from, in order (a ResNet50's is ~190 MB)."""
+    loads, load = [], Checkpoint.load
 
     def counted(path):
         loads.append(Path(path))
-        return load_checkpoint(path)
+        return load(path)
 
-    for module in (trainer, evaluation):
-        monkeypatch.setattr(module, "load_checkpoint", counted)
+    monkeypatch.setattr(Checkpoint, "load", staticmethod(counted))
     return loads
 
 
 def test_thresholds_chosen_on_validation_are_stored_and_applied(trained_run, capsys, monkeypatch, tmp_path):
     checkpoint, labels, probs = val_predictions(trained_run)
-    stored = checkpoint["thresholds"]
+    stored = checkpoint.state.thresholds
     assert stored == pytest.approx(select_thresholds(labels, probs))
     # The WHO triage point reaches the sensitivity floor on the validation set it was chosen on.
     assert classification_metrics(labels, probs, stored["who_triage"])["sensitivity"] >= 0.90
@@ -105,15 +105,14 @@ def test_thresholds_chosen_on_validation_are_stored_and_applied(trained_run, cap
     assert [
         run.info.run_name for run in client.search_runs([e.experiment_id for e in client.search_experiments()])
     ] == ["eval-split_test"]
-    test_labels, test_probs = predict_checkpoint(
-        checkpoint, held_out_samples(trained_run["best"], str(trained_run["data"]))[0], torch.device("cpu"), 16, 0
-    )
+    test_samples = held_out_samples(trained_run["best"], discover_dataset(trained_run["data"]))[0]
+    test_labels, test_probs = predict_checkpoint(checkpoint, test_samples, torch.device("cpu"), 16, 0)
     applied = classification_metrics(test_labels, test_probs, stored["youden"])
     assert report["thresholds"]["youden"]["metrics"]["sensitivity"]["value"] == applied["sensitivity"]
     assert "Test Results - Accuracy: " in capsys.readouterr().out
 
-    # GradCAM labels its predictions with the same stored operating threshold (and temperature).
-    model = model_from_checkpoint(checkpoint)
+    # GradCAM labels its predictions with the same stored operating threshold (and calibration).
+    model = checkpoint.model()
     samples = held_out_samples(trained_run["best"])[0]
     explanations = gradcam.explain(
         model,
@@ -129,23 +128,6 @@ def test_thresholds_chosen_on_validation_are_stored_and_applied(trained_run, cap
     assert stored["youden"] != 0.5
     assert [e.prob_tb for e in explanations] == pytest.approx(list(test_probs), abs=1e-6)
     assert [e.predicted for e in explanations] == [int(p >= stored["youden"]) for p in test_probs]
-
-
-def test_temperature_is_fitted_on_validation_and_lowers_its_nll(trained_run):
-    checkpoint = load_checkpoint(trained_run["best"])
-    manifest = read_json(trained_run["best"].parent / MANIFEST_NAME)
-    model = model_from_checkpoint(checkpoint)
-    loader = torch.utils.data.DataLoader(
-        XrayDataset(manifest_samples(manifest, "val"), eval_transform(32)), batch_size=16
-    )
-    labels, logits, _ = predict_logits(model, loader, torch.device("cpu"))
-    temperature = checkpoint["temperature"]
-    assert temperature == pytest.approx(fit_temperature(logits.numpy(), labels), rel=1e-3)
-
-    def nll(t):
-        return float(torch.nn.functional.cross_entropy(logits / t, torch.as_tensor(labels)))
-
-    assert nll(temperature) <= nll(1.0) + 1e-9
 
 
 def test_external_flat_folder_is_used_whole_with_figures_and_mlflow_run(trained_run, tmp_path, monkeypatch):
@@ -187,7 +169,7 @@ def test_external_flat_folder_is_used_whole_with_figures_and_mlflow_run(trained_
     # their figure, matrix cells half. The matrices and the reliability curve are these predictions'.
     for kind in ("roc", "pr", "confusion", "training_curves"):
         assert coloured_share(ckpt_dir / f"eval_hospital_b_{kind}.png") > (0.2 if kind == "confusion" else 0.002), kind
-    labels, probs = predict_checkpoint(load_checkpoint(trained_run["best"]), samples, torch.device("cpu"), 16, 0)
+    labels, probs = predict_checkpoint(Checkpoint.load(trained_run["best"]), samples, torch.device("cpu"), 16, 0)
     matrices = drawn["eval_hospital_b_confusion.png"].axes
     assert len(matrices) == len(report["thresholds"])
     for ax, entry in zip(matrices, report["thresholds"].values()):
@@ -234,7 +216,7 @@ def test_comparing_a_checkpoint_with_itself(trained_run, tmp_path, monkeypatch):
 
 
 def test_a_split_manifest_replaced_after_training_is_refused_and_prepare_only_keeps_off_a_trained_run(
-    trained_run, tmp_path
+    trained_run, tmp_path, capsys
 ):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -243,15 +225,16 @@ def test_a_split_manifest_replaced_after_training_is_refused_and_prepare_only_ke
     best = ckpt / trained_run["best"].name
     assert held_out_samples(best)[0] == manifest_samples(read_json(ckpt / MANIFEST_NAME), "test")  # the control
 
-    with pytest.raises(SystemExit, match="holds a training run's checkpoints"):
+    with exits_with(capsys, "holds a training run's checkpoints"):
         trainer.main(["--data-dir", str(trained_run["data"]), "--checkpoint-dir", str(ckpt), "--prepare-only"])
     manifest = read_json(ckpt / MANIFEST_NAME)
     manifest["train"], manifest["test"] = manifest["test"], manifest["train"]  # what another split would write
     (ckpt / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="is not the split"):
+        held_out_samples(best)
     for evaluate in (
-        lambda: held_out_samples(best),
         lambda: gradcam.main(["--checkpoint", str(best), "--output-dir", str(tmp_path / "cams")]),
         lambda: trainer.main(["--resume", str(ckpt / "last.pth"), "--checkpoint-dir", str(ckpt), "--device", "cpu"]),
     ):
-        with pytest.raises(SystemExit, match="is not the split"):
+        with exits_with(capsys, "is not the split"):
             evaluate()

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, rescored_test_accuracy, write_xrays
-from torchvision import transforms
+from torchvision.transforms import v2
 
 import resnet50_tb_full as trainer
+from tbcxr.cache import decoded_cache
 from tbcxr.data import EpochSampler, eval_transform, train_transform
 from tbcxr.decoding import load_xray
-from tbcxr.fast_data import CachedBatches, DeviceBatches, augment_batch, decoded_cache, sample_augmentation
+from tbcxr.fast_data import CachedBatches, DeviceBatches, augment_batch, sample_augmentation
 
 
 def identity_augmentation(batch: int, device) -> dict[str, torch.Tensor]:
@@ -35,8 +36,8 @@ def identity_augmentation(batch: int, device) -> dict[str, torch.Tensor]:
 def cpu_transform_ranges(size: int) -> dict:
     """The parameter ranges the CPU training transform really uses."""
     steps = {type(t): t for t in train_transform(size).transforms}
-    crop, flip = steps[transforms.RandomResizedCrop], steps[transforms.RandomHorizontalFlip]
-    rotation, jitter = steps[transforms.RandomRotation], steps[transforms.ColorJitter]
+    crop, flip = steps[v2.RandomResizedCrop], steps[v2.RandomHorizontalFlip]
+    rotation, jitter = steps[v2.RandomRotation], steps[v2.ColorJitter]
     return {
         "crop_scale": tuple(crop.scale),
         "crop_ratio": tuple(crop.ratio),

@@ -4,29 +4,35 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
-from conftest import coloured_share, make_organized
+from conftest import coloured_share, exits_with, make_organized
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from torch import nn
 
 import resnet50_gradcam_tb_full as gradcam
-from tbcxr.checkpoint import checkpoint_dict, load_checkpoint, model_from_checkpoint, save_checkpoint, write_json
-from tbcxr.config import IMAGENET_MEAN, IMAGENET_STD, MANIFEST_NAME
-from tbcxr.data import XrayDataset, discover_dataset, eval_transform, make_split_manifest
+from tbcxr import explain as cams
+from tbcxr.checkpoint import Checkpoint, read_json
+from tbcxr.config import MANIFEST_NAME
+from tbcxr.data import PreparationSettings, XrayDataset, eval_transform, prepare_manifest
 from tbcxr.decoding import load_xray
 from tbcxr.demo import synthetic_xray
 from tbcxr.model import build_model
+from tbcxr.split import split_digest
 
 
 def save_tiny_checkpoint(path, freeze_features=False, image_size=32, **extra):
+    """A checkpoint of random weights; beside a split manifest it records that split, as training does."""
     torch.manual_seed(0)
     model = build_model("none", freeze_features=freeze_features)
     config = {"freeze_features": freeze_features, "image_size": image_size}
-    save_checkpoint(checkpoint_dict(model.eval(), config, image_size, **extra), path)
+    manifest = path.parent / MANIFEST_NAME
+    digest = split_digest(read_json(manifest)) if manifest.is_file() else ""
+    Checkpoint.from_model(model.eval(), config, image_size, split_digest=digest, **extra).save(path)
     return path
 
 
@@ -35,8 +41,7 @@ def trained_layout(tmp_path):
     """An organized data set, its split manifest and a checkpoint beside it."""
     data = make_organized(tmp_path / "data", train=6, test=3, size=40)
     ckpt_dir = tmp_path / "checkpoints"
-    manifest = make_split_manifest(discover_dataset(data), 0.2, 0.2, seed=0)
-    write_json(manifest, ckpt_dir / MANIFEST_NAME)
+    prepare_manifest(str(data), ckpt_dir / MANIFEST_NAME, PreparationSettings(0.2, 0.2, seed=0), workers=0)
     return data, ckpt_dir
 
 
@@ -113,35 +118,35 @@ def test_arbitrary_images_greyscale_and_rgb_give_the_same_map(tmp_path):
     Image.fromarray(pixels, mode="L").save(tmp_path / "grey.png")
     Image.fromarray(np.stack([pixels] * 3, -1), mode="RGB").save(tmp_path / "rgb.jpg", quality=100)
     Image.fromarray(np.stack([pixels] * 3, -1), mode="RGB").save(tmp_path / "rgb.png")
-    ckpt = load_checkpoint(save_tiny_checkpoint(tmp_path / "c.pth"))
-    model = model_from_checkpoint(ckpt)
+    ckpt = Checkpoint.load(save_tiny_checkpoint(tmp_path / "c.pth"))
+    model = ckpt.model()
     samples = gradcam.samples_from_paths([str(tmp_path / "grey.png"), str(tmp_path / "rgb.png")])
-    assert [label for _, label in samples] == [gradcam.UNLABELLED] * 2
+    assert [label for _, label in samples] == [cams.UNLABELLED] * 2
 
-    grey, rgb = gradcam.explain(model, model.layer4, samples, ckpt, torch.device("cpu"), "gradcam", "predicted", 2)
+    grey, rgb = cams.explain(model, model.layer4, samples, ckpt, torch.device("cpu"), "gradcam", "predicted", 2)
 
     np.testing.assert_array_equal(grey.cam, rgb.cam)
     assert grey.prob_tb == rgb.prob_tb
 
 
 def test_batched_maps_equal_one_at_a_time(tmp_path):
-    model = model_from_checkpoint(load_checkpoint(save_tiny_checkpoint(tmp_path / "c.pth"))).eval()
+    model = Checkpoint.load(save_tiny_checkpoint(tmp_path / "c.pth")).model().eval()
     torch.manual_seed(1)
     batch = torch.randn(4, 3, 64, 64)
     targets = [0, 1, 1, 0]
 
-    together = gradcam.compute_cams(model, model.layer4, batch, targets, "gradcam")
+    together = cams.compute_cams(model, model.layer4, batch, targets, "gradcam")
     alone = np.concatenate(
-        [gradcam.compute_cams(model, model.layer4, batch[i : i + 1], targets[i : i + 1], "gradcam") for i in range(4)]
+        [cams.compute_cams(model, model.layer4, batch[i : i + 1], targets[i : i + 1], "gradcam") for i in range(4)]
     )
 
     np.testing.assert_allclose(together, alone, atol=1e-5)
     assert not any(module._forward_hooks for module in model.modules())  # the context manager cleaned up
 
 
-def explanation(prob_tb: float, threshold: float, predicted: int, true_label: int = 0) -> gradcam.Explanation:
+def explanation(prob_tb: float, threshold: float, predicted: int, true_label: int = 0) -> cams.Explanation:
     rng = np.random.default_rng(0)
-    return gradcam.Explanation(
+    return cams.Explanation(
         path="case.png",
         true_label=true_label,
         prob_tb=prob_tb,
@@ -156,39 +161,37 @@ def explanation(prob_tb: float, threshold: float, predicted: int, true_label: in
 
 def test_captions_give_p_tb_against_the_threshold_in_every_figure(tmp_path, monkeypatch):
     below = explanation(0.515, 0.6, predicted=0)
-    assert gradcam.caption(below) == "True: Normal | Pred: Normal | P(TB) 51.5% < threshold 60.0%"
-    assert gradcam.caption(explanation(0.61, 0.6, predicted=1)) == (
+    assert cams.caption(below) == "True: Normal | Pred: Normal | P(TB) 51.5% < threshold 60.0%"
+    assert cams.caption(explanation(0.61, 0.6, predicted=1)) == (
         "True: Normal | Pred: Tuberculosis  WRONG | P(TB) 61.0% ≥ threshold 60.0%"
     )
-    assert gradcam.caption(explanation(0.5996, 0.6, predicted=0)).endswith("P(TB) 59.96% < threshold 60.00%")
+    assert cams.caption(explanation(0.5996, 0.6, predicted=0)).endswith("P(TB) 59.96% < threshold 60.00%")
 
     figures = []
-    monkeypatch.setattr(gradcam, "save_figure", lambda fig, path, dpi: figures.append(fig))
-    gradcam.render_explanation(below, "gradcam", "full_training", tmp_path / "one.png")
-    gradcam.render_grid([below], "gradcam", "full_training", tmp_path / "grid.png")
-    gradcam.render_comparison((below, below), ("full_training", "transfer_learning"), "gradcam", tmp_path / "pair.png")
+    monkeypatch.setattr(cams, "save_figure", lambda fig, path, dpi: figures.append(fig))
+    cams.render_explanation(below, "gradcam", "full_training", tmp_path / "one.png")
+    cams.render_grid([below], "gradcam", "full_training", tmp_path / "grid.png")
+    cams.render_comparison((below, below), ("full_training", "transfer_learning"), "gradcam", tmp_path / "pair.png")
     assert len(figures) == 3
     for fig in figures:
         text = " ".join([t.get_text() for t in fig.texts] + [ax.get_title() for ax in fig.axes])
-        gradcam.pyplot().close(fig)
+        cams.pyplot().close(fig)
         assert "Pred: Normal" in text and "P(TB) 51.5% < threshold 60.0%" in text
         assert "48.5%" not in text  # 1 - P(TB) would read as "48.5% sure it is Normal"
 
 
-def test_missing_checkpoint_names_the_training_command(tmp_path):
-    with pytest.raises(SystemExit) as error:
+def test_missing_checkpoint_names_the_training_command(tmp_path, capsys):
+    with exits_with(capsys, r"file not found\.\nTrain one first, e\.g\.: python resnet50_tb_full\.py"):
         gradcam.main(["--checkpoint", str(tmp_path / "nope.pth")])
-    assert "file not found" in str(error.value.code) and "python resnet50_tb_full.py" in str(error.value.code)
 
 
-def test_unreadable_image_is_a_clear_error(tmp_path):
+def test_unreadable_image_is_a_clear_error(tmp_path, capsys):
     ckpt = save_tiny_checkpoint(tmp_path / "c.pth")
     (tmp_path / "broken.png").write_text("this is not a PNG")
-    with pytest.raises(SystemExit) as error:
+    with exits_with(capsys, re.escape(f"cannot read image {tmp_path / 'broken.png'}")):
         gradcam.main(
             ["--checkpoint", str(ckpt), "--images", str(tmp_path / "broken.png"), "--output-dir", str(tmp_path / "out")]
         )
-    assert f"cannot read image {tmp_path / 'broken.png'}" in str(error.value.code)
 
 
 # --------------------------------------------------------------------------- correctness
@@ -233,7 +236,6 @@ def blob_images(folder, count, seed):
 
 def test_pointing_game_and_faithfulness_on_blob_task(tmp_path):
     torch.manual_seed(0)
-    checkpoint = {"image_size": 64, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     transform = eval_transform(64)
     train = blob_images(tmp_path / "train", 240, seed=0)
     dataset = XrayDataset([(p, label) for p, label, _ in train], transform)
@@ -245,9 +247,10 @@ def test_pointing_game_and_faithfulness_on_blob_task(tmp_path):
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(images), labels).backward()
             optimizer.step()
+    checkpoint = Checkpoint.from_model(model, {}, 64)  # ImageNet normalisation, threshold 0.5, identity calibration
 
     test = blob_images(tmp_path / "test", 40, seed=1)
-    explanations = gradcam.explain(
+    explanations = cams.explain(
         model,
         model.features[-1],
         [(p, label) for p, label, _ in test],
@@ -268,9 +271,9 @@ def test_pointing_game_and_faithfulness_on_blob_task(tmp_path):
 
     positives = [(p, 1) for p, label, _ in test if label == 1][:10]
     batch = torch.stack([transform(load_xray(p)) for p, _ in positives])
-    maps = gradcam.compute_cams(model, model.features[-1], batch, [1] * len(positives), "gradcam")
-    real = gradcam.faithfulness(model, batch, maps, [1] * len(positives))
-    inverted = gradcam.faithfulness(model, batch, 1 - maps, [1] * len(positives))
+    maps = cams.compute_cams(model, model.features[-1], batch, [1] * len(positives), "gradcam")
+    real = cams.faithfulness(model, batch, maps, [1] * len(positives))
+    inverted = cams.faithfulness(model, batch, 1 - maps, [1] * len(positives))
     # The inverted map keeps what the model uses and removes the rest: it must score worse on every image.
     assert (real > inverted).all()
     assert real.mean() - inverted.mean() > 0.5 * np.abs(real).mean()
@@ -278,7 +281,7 @@ def test_pointing_game_and_faithfulness_on_blob_task(tmp_path):
 
 # --------------------------------------------------------------------------- ROAD is reproducible
 def tiny_model(tmp_path):
-    return model_from_checkpoint(load_checkpoint(save_tiny_checkpoint(tmp_path / "c.pth"))).eval()
+    return Checkpoint.load(save_tiny_checkpoint(tmp_path / "c.pth")).model().eval()
 
 
 def test_road_scores_repeat_exactly_and_ignore_the_rest_of_the_batch(tmp_path):
@@ -286,18 +289,18 @@ def test_road_scores_repeat_exactly_and_ignore_the_rest_of_the_batch(tmp_path):
     torch.manual_seed(2)
     batch = torch.randn(3, 3, 32, 32)
     targets = [1, 0, 1]
-    maps = gradcam.compute_cams(model, model.layer4, batch, targets, "gradcam")
+    maps = cams.compute_cams(model, model.layer4, batch, targets, "gradcam")
     caller_rng = torch.get_rng_state()
 
-    first = gradcam.faithfulness(model, batch, maps, targets, seed=0)
-    again = gradcam.faithfulness(model, batch, maps, targets, seed=0)
-    alone = gradcam.faithfulness(model, batch[2:], maps[2:], targets[2:], seed=0)
+    first = cams.faithfulness(model, batch, maps, targets, seed=0)
+    again = cams.faithfulness(model, batch, maps, targets, seed=0)
+    alone = cams.faithfulness(model, batch[2:], maps[2:], targets[2:], seed=0)
 
     assert np.isfinite(first).all()
     np.testing.assert_array_equal(first, again)
     assert alone[0] == first[2]
     assert torch.equal(torch.get_rng_state(), caller_rng)  # the caller's random stream is left as it was
-    assert not np.array_equal(gradcam.faithfulness(model, batch, maps, targets, seed=1), first)
+    assert not np.array_equal(cams.faithfulness(model, batch, maps, targets, seed=1), first)
 
 
 @pytest.mark.parametrize("flat", ["all zero", "half zero, half one"])
@@ -319,12 +322,12 @@ def test_road_on_flat_maps_removes_each_percentile_share(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(NoisyLinearImputer, "__call__", recording)
 
-    scores = [gradcam.faithfulness(model, batch, cam, [1]) for _ in range(2)]
+    scores = [cams.faithfulness(model, batch, cam, [1]) for _ in range(2)]
 
     assert np.isfinite(scores[0]).all() and scores[0] == scores[1]
     # Least relevant removed first at each percentile, then most relevant first: each keeps its share.
     shares = [mask.mean() for mask in kept_masks[:8]]
-    assert shares == pytest.approx([p / 100 for p in gradcam.ROAD_PERCENTILES] * 2, abs=2 / cam.size)
+    assert shares == pytest.approx([p / 100 for p in cams.ROAD_PERCENTILES] * 2, abs=2 / cam.size)
     if flat == "half zero, half one":
         lerf_20, morf_20 = kept_masks[0], kept_masks[4]
         assert lerf_20[:16].sum() == lerf_20.sum()  # keeps only the most relevant (upper) half's pixels

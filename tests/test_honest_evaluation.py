@@ -10,16 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_organized, write_xrays
+from conftest import exits_with, make_organized, write_xrays
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import resnet50_tb_full as trainer
-from tbcxr.checkpoint import load_checkpoint, read_json, write_json
+from tbcxr.checkpoint import Checkpoint, read_json, write_json
 from tbcxr.config import MANIFEST_NAME
-from tbcxr.data import manifest_samples
-from tbcxr.evaluation import held_out_samples, predict_checkpoint
+from tbcxr.data import discover_dataset
+from tbcxr.errors import DataError
+from tbcxr.evaluation import predict_checkpoint
 from tbcxr.metrics import classification_metrics, format_p_value, select_thresholds
+from tbcxr.split import held_out_samples, manifest_samples
 
 TINY = ["--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--weights", "none", "--recipe", "original"]
 
@@ -71,14 +73,14 @@ def test_every_checkpoint_carries_the_operating_points_of_its_own_weights(tmp_pa
           "--temperature-scaling", "--val-fraction", "0.3")  # fmt: skip
     manifest = read_json(ckpt / MANIFEST_NAME)
     periodic = sorted(ckpt.glob("*_epoch*_resnet50_tb_full_trained.pth"))
-    checkpoints = [load_checkpoint(p) for p in periodic] + [load_checkpoint(ckpt / "last.pth")]
-    best_epoch = checkpoints[-1]["best_epoch"]
-    assert any(c["epoch"] != best_epoch for c in checkpoints)  # the case the old code got wrong
+    checkpoints = [Checkpoint.load(p) for p in periodic] + [Checkpoint.load(ckpt / "last.pth")]
+    best_epoch = checkpoints[-1].state.best_epoch
+    assert any(c.state.epoch != best_epoch for c in checkpoints)  # the case the old code got wrong
 
     for checkpoint in checkpoints:
         labels, probs = predict_checkpoint(checkpoint, manifest_samples(manifest, "val"), torch.device("cpu"), 16, 0)
-        assert checkpoint["operating_points_epoch"] == checkpoint["epoch"]
-        assert checkpoint["thresholds"] == pytest.approx(select_thresholds(labels, probs), abs=1e-6)
+        assert checkpoint.state.operating_points_epoch == checkpoint.state.epoch
+        assert checkpoint.state.thresholds == pytest.approx(select_thresholds(labels, probs), abs=1e-6)
 
 
 # --------------------------------------------------------------------------- fp32 scores and model selection
@@ -87,10 +89,10 @@ def test_model_selection_and_summary_agree_with_a_fresh_test_only_under_cpu_bf16
     ckpt, uri = tmp_path / "ckpt", f"sqlite:///{tmp_path / 'mlflow.db'}"
     summary = train(data, ckpt, uri, "--epochs", "3", "--amp", "--lr", "1e-2", "--val-fraction", "0.3")
 
-    last = load_checkpoint(ckpt / "last.pth")
-    history = last["history"]
+    last = Checkpoint.load(ckpt / "last.pth")
+    history = last.state.history
     best = max(history, key=lambda h: (h["val_auc"], -h["val_loss"]))
-    assert summary["best_epoch"] == best["epoch"] == last["best_epoch"]
+    assert summary["best_epoch"] == best["epoch"] == last.state.best_epoch
 
     # Validation under --amp scored the weights in float32: the logged loss is the fp32 loss.
     manifest = read_json(ckpt / MANIFEST_NAME)
@@ -123,7 +125,7 @@ def test_without_data_dir_a_training_folder_no_longer_there_asks_for_its_new_pla
     manifest = read_json(raw_run["best"].parent / MANIFEST_NAME)
     write_json(manifest | {"data_dir": str(tmp_path / "moved_away")}, tmp_path / MANIFEST_NAME)
     (tmp_path / raw_run["best"].name).symlink_to(raw_run["best"])
-    with pytest.raises(SystemExit, match="moved_away that .* lists is gone; pass --data-dir with where it is now"):
+    with pytest.raises(DataError, match="moved_away that .* lists is gone; pass --data-dir with where it is now"):
         held_out_samples(tmp_path / raw_run["best"].name)
 
 
@@ -131,7 +133,7 @@ def test_a_moved_copy_of_the_training_folder_scores_exactly_the_manifest_test_im
     moved = shutil.copytree(raw_run["data"], tmp_path / "mounted_elsewhere" / "kaggle")
     manifest = read_json(raw_run["best"].parent / MANIFEST_NAME)
 
-    samples, source = held_out_samples(raw_run["best"], str(moved))
+    samples, source = held_out_samples(raw_run["best"], discover_dataset(moved))
     report = score_test_only(raw_run["best"], raw_run["uri"], "--data-dir", str(moved))
 
     assert sorted(Path(p).relative_to(moved).as_posix() for p, _ in samples) == sorted(r for r, _ in manifest["test"])
@@ -153,7 +155,7 @@ def test_exact_and_near_copies_of_training_images_in_another_folder_are_left_out
     shutil.copy(raw_run["data"] / train_rel, external / "Normal" / "exact.png")
     Image.open(raw_run["data"] / train_rel).save(external / "Normal" / "resaved.jpg", quality=90)
 
-    samples, source = held_out_samples(raw_run["best"], str(external))
+    samples, source = held_out_samples(raw_run["best"], discover_dataset(external))
 
     assert sorted(Path(p).name for p, _ in samples if "img_" not in Path(p).name) == []
     assert len(samples) == 8
@@ -161,29 +163,14 @@ def test_exact_and_near_copies_of_training_images_in_another_folder_are_left_out
     assert "1 copies of its training images" in out and "1 near copies of its training images" in out
 
 
-def test_a_manifest_without_content_records_falls_back_to_paths(raw_run, tmp_path, capsys):
-    old = tmp_path / "old_ckpt"
-    old.mkdir()
-    shutil.copy(raw_run["best"], old / raw_run["best"].name)
-    manifest = read_json(raw_run["best"].parent / MANIFEST_NAME)
-    legacy = {k: v for k, v in manifest.items() if not k.startswith("content_")}
-    (old / MANIFEST_NAME).write_text(json.dumps(legacy))
-    moved = shutil.copytree(raw_run["data"], tmp_path / "moved")
-
-    samples, _ = held_out_samples(old / raw_run["best"].name, str(moved))
-
-    assert sorted(Path(p).relative_to(moved).as_posix() for p, _ in samples) == sorted(r for r, _ in manifest["test"])
-    assert "predates image content records" in capsys.readouterr().err
-
-
-def test_a_folder_of_training_images_only_is_refused(raw_run, tmp_path):
+def test_a_folder_of_training_images_only_is_refused(raw_run, tmp_path, capsys):
     manifest = read_json(raw_run["best"].parent / MANIFEST_NAME)
     only_train = tmp_path / "only_train"
     for rel, _ in manifest["train"]:
         (only_train / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(raw_run["data"] / rel, only_train / rel)
 
-    with pytest.raises(SystemExit, match="nothing is left to test on"):
+    with exits_with(capsys, "nothing is left to test on"):
         score_test_only(raw_run["best"], raw_run["uri"], "--data-dir", str(only_train))
 
 
@@ -219,15 +206,15 @@ def test_compare_two_different_checkpoints_and_refuse_one_trained_on_another_spl
         "--val-fraction",
         "0.3",
     )  # fmt: skip  (same data and seed: same split)
-    frozen = load_checkpoint(frozen_dir / "best_resnet50_tb_finetuned.pth")
+    frozen = Checkpoint.load(frozen_dir / "best_resnet50_tb_finetuned.pth")
     # --freeze-features end to end: only fc trains, in its own experiment, and BatchNorm statistics stay put.
-    assert frozen["trainable_parameters"] == 4098 and frozen["config"]["experiment"] == "ResNet50_TB_FineTuning"
-    for key, value in frozen["model"].items():
+    assert frozen.trainable_parameters == 4098 and frozen.experiment == "ResNet50_TB_FineTuning"
+    for key, value in frozen.model_state.items():
         if key.endswith("running_mean"):
             assert torch.equal(value, torch.zeros_like(value)), key
         elif key.endswith("running_var"):
             assert torch.equal(value, torch.ones_like(value)), key
-    full = load_checkpoint(trained_run["best"])
+    full = Checkpoint.load(trained_run["best"])
 
     comparison = trainer.main(["--compare", str(frozen_dir / "best_resnet50_tb_finetuned.pth"),
                                str(trained_run["best"]), "--bootstrap-resamples", "200",
@@ -246,16 +233,16 @@ def test_compare_two_different_checkpoints_and_refuse_one_trained_on_another_spl
     assert f"ROC AUC difference (B - A): {expected:+.4f}" in markdown
 
 
-def test_compare_refuses_a_checkpoint_trained_on_another_split(raw_run, tmp_path, monkeypatch):
+def test_compare_refuses_a_checkpoint_trained_on_another_split(raw_run, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     other_split = tmp_path / "other_split"  # raw layout: another seed draws another test side
     train(raw_run["data"], other_split, raw_run["uri"], "--epochs", "1", "--seed", "7")
 
-    with pytest.raises(SystemExit, match="trained on a different split"):
+    with exits_with(capsys, "trained on a different split"):
         trainer.main(["--compare", str(raw_run["best"]), str(other_split / "best_resnet50_tb_full_trained.pth"),
                       "--bootstrap-resamples", "50", "--tracking-uri", raw_run["uri"]])  # fmt: skip
 
 
-def test_resuming_from_a_weights_only_best_checkpoint_is_a_clear_error(trained_run, tmp_path):
-    with pytest.raises(SystemExit, match="holds weights only"):
+def test_resuming_from_a_weights_only_best_checkpoint_is_a_clear_error(trained_run, tmp_path, capsys):
+    with exits_with(capsys, "holds weights only"):
         trainer.main(["--resume", str(trained_run["best"]), "--checkpoint-dir", str(tmp_path / "ckpt")])

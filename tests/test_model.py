@@ -8,9 +8,10 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, make_organized
 from torchvision import models
 
+from tbcxr.errors import WeightsUnavailableError
 from tbcxr.model import (
     IMAGENET_WEIGHTS,
     build_model,
@@ -69,22 +70,23 @@ def test_mixed_precision_uses_fp16_where_a_card_only_emulates_bf16(monkeypatch):
 
 def test_a_run_saved_without_fp16_resumes_on_a_card_that_uses_fp16(tmp_path):
     import resnet50_tb_full as trainer
-    from tbcxr.config import FULL_TRAINING
+    from tbcxr.checkpoint import Checkpoint, RunState
     from tbcxr.runtime import SINGLE_PROCESS
-    from tbcxr.training import Run
+    from tbcxr.training import Run, Training
 
     model = build_model("none")
     optimizer = build_optimizer(model, lr=1e-4, backbone_lr_mult=0.1)
     scheduler = build_scheduler(optimizer, "plateau", epochs=30, warmup_epochs=0, plateau_patience=3)
-    saved = {  # bf16 or full precision: the GradScaler was disabled, its saved state is empty
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "epoch": 3,
-    }  # fmt: skip
-    run = Run(trainer.TrainConfig(), SINGLE_PROCESS, torch.device("cpu"), torch.float16, FULL_TRAINING, tmp_path)
-    run.model, run.optimizer, run.scheduler = model, optimizer, scheduler
-    run.scaler = torch.amp.GradScaler("cpu", enabled=True)
+    saved = Checkpoint.from_model(  # bf16 or full precision: the GradScaler was disabled, its saved state is empty
+        model, {}, 32, state=RunState(epoch=3), optimizer_state=optimizer.state_dict(),
+        scheduler_state=scheduler.state_dict(), scaler_state=torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+    )  # fmt: skip
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    loss, device = torch.nn.CrossEntropyLoss(), torch.device("cpu")
+    training = Training(model, model, optimizer, scheduler, scaler, loss, torch.float16, device)
+    run = Run(trainer.TrainConfig(checkpoint_dir=str(tmp_path)), SINGLE_PROCESS, training, split_digest="")
     run.restore(saved)
-    assert run.state.epoch == 3 and run.scaler.get_scale() == 2.0**16  # a fresh scale, not a crash
+    assert run.state.epoch == 3 and scaler.get_scale() == 2.0**16  # a fresh scale, not a crash
 
 
 @pytest.fixture
@@ -114,7 +116,8 @@ def test_weights_from_a_local_state_dict_file(tmp_path, reference_resnet50_state
 
 
 def test_unavailable_imagenet_weights_stop_with_instructions(tmp_path):
-    # A fresh interpreter with an empty hub cache and a proxy on a closed port: the download fails at once.
+    # The trainer in a fresh interpreter, with an empty hub cache and a proxy on a closed port: the download fails
+    # at once, and the run stops before it trains, with the message alone (no traceback).
     proxy = "http://127.0.0.1:9"
     env = {
         **os.environ,
@@ -126,9 +129,11 @@ def test_unavailable_imagenet_weights_stop_with_instructions(tmp_path):
         "no_proxy": "",
         "NO_PROXY": "",
     }
+    data = make_organized(tmp_path / "data", train=4, test=2, size=32)
+    trainer = [sys.executable, str(ROOT / "resnet50_tb_full.py"), "--data-dir", str(data), "--weights", "imagenet"]
     result = subprocess.run(
-        [sys.executable, "-c", "from tbcxr.model import build_model; build_model('imagenet')"],
-        cwd=ROOT,
+        [*trainer, "--checkpoint-dir", str(tmp_path / "ckpt"), "--device", "cpu", "--num-workers", "0"],
+        cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
@@ -142,11 +147,11 @@ def test_unavailable_imagenet_weights_stop_with_instructions(tmp_path):
 
 
 def test_missing_or_foreign_weights_file_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
         build_model(str(tmp_path / "nope.pth"))
     foreign = tmp_path / "foreign.pth"
     torch.save({"layer.weight": torch.zeros(2)}, foreign)
-    with pytest.raises(SystemExit, match="not a ResNet50 state dict"):
+    with pytest.raises(WeightsUnavailableError, match="not a ResNet50 state dict"):
         build_model(str(foreign))
 
 
@@ -165,7 +170,7 @@ def test_a_cached_imagenet_file_that_would_run_code_is_refused(tmp_path, monkeyp
     marker = tmp_path / "pwned"
     torch.save({"conv1.weight": RunsCodeOnLoad(marker)}, cached)
 
-    with pytest.raises(SystemExit, match="not a safe state dict"):
+    with pytest.raises(WeightsUnavailableError, match="not a safe state dict"):
         build_model("imagenet")
     assert not marker.exists()
 

@@ -3,19 +3,23 @@ smoothed model selection, each the same on the fast cached path and the per-imag
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from conftest import make_organized, write_xrays
 
 import resnet50_tb_full as trainer
-from tbcxr.checkpoint import load_checkpoint
+from tbcxr.cache import decoded_cache
+from tbcxr.checkpoint import Checkpoint
 from tbcxr.config import CLAHE, IMAGENET_MEAN, IMAGENET_STD
-from tbcxr.data import IntensityJitter, checkpoint_transform, eval_transform, manifest_samples, train_transform
+from tbcxr.data import IntensityJitter, checkpoint_transform, eval_transform, train_transform
 from tbcxr.decoding import equalise, load_xray
-from tbcxr.fast_data import CachedBatches, DeviceBatches, augment_intensity, decoded_cache, sample_intensity
+from tbcxr.fast_data import CachedBatches, DeviceBatches, augment_intensity, sample_intensity
 from tbcxr.metrics import selection_score
 from tbcxr.model import build_scheduler
+from tbcxr.split import manifest_samples
 
 SCRATCH = {"recipe": "from-scratch", "lr": 1e-3, "backbone_lr_mult": 1.0, "schedule": "cosine", "clahe": True}
 
@@ -63,18 +67,10 @@ def test_clahe_is_the_same_on_the_cached_path_the_per_image_path_and_a_checkpoin
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)
     plain = torch.stack([eval_transform(48)(load_xray(p)) for p in paths])
     assert (slow - plain).abs().max() > 0.1  # CLAHE really changed the pixels
-    checkpoint = {
-        "config": {"clahe": True},
-        "preprocessing": {"clahe": dict(CLAHE)},
-        "image_size": 48,
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
-    }
+    checkpoint = Checkpoint({}, {"clahe": True}, 48, trainable_parameters=0, clahe=dict(CLAHE))
     torch.testing.assert_close(torch.stack([checkpoint_transform(checkpoint)(load_xray(p)) for p in paths]), slow)
-    legacy = {"config": {"clahe": True}, "image_size": 48, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-    torch.testing.assert_close(torch.stack([checkpoint_transform(legacy)(load_xray(p)) for p in paths]), slow)
     # The checkpoint's own settings are used, not today's defaults.
-    other = checkpoint | {"preprocessing": {"clahe": {"clip_limit": 8.0, "tile_grid": [2, 2]}}}
+    other = dataclasses.replace(checkpoint, clahe={"clip_limit": 8.0, "tile_grid": [2, 2]})
     assert not torch.allclose(torch.stack([checkpoint_transform(other)(load_xray(p)) for p in paths]), slow)
     # OpenCV's CLAHE spreads a low-contrast image over a wider range.
     flat = (100 + 10 * np.random.default_rng(0).random((64, 64))).astype(np.uint8)
@@ -121,14 +117,22 @@ def test_per_image_training_transform_with_the_recipe_is_seeded_and_applies_both
 
 def test_loaders_apply_clahe_to_every_side_and_intensity_to_train_only(tmp_path):
     data = make_organized(tmp_path / "data", train=8, test=3, size=48)
-    from tbcxr.data import make_loaders, prepare_manifest
+    from tbcxr.data import LoaderSettings, PreparationSettings, make_loaders, prepare_manifest
 
-    manifest = prepare_manifest(str(data), tmp_path / "m.json", val_fraction=0.3, test_fraction=0.2, seed=0,
-                                strict=False, dedup=False, workers=1)  # fmt: skip
-    common = dict(image_size=32, batch_size=4, seed=0, oversample=False, cache_dir=tmp_path / "cache", num_workers=0)
+    split = PreparationSettings(val_fraction=0.3, test_fraction=0.2, seed=0)
+    manifest = prepare_manifest(str(data), tmp_path / "m.json", split, workers=1)
     for fast in (True, False):
-        plain = make_loaders(manifest, torch.device("cpu"), fast_data=fast, **common)
-        recipe = make_loaders(manifest, torch.device("cpu"), fast_data=fast, clahe=True, intensity=True, **common)
+        settings = LoaderSettings(
+            image_size=32,
+            batch_size=4,
+            seed=0,
+            oversample=False,
+            fast_data=fast,
+            cache_dir=tmp_path / "cache",
+            num_workers=0,
+        )
+        plain = make_loaders(manifest, torch.device("cpu"), settings)
+        recipe = make_loaders(manifest, torch.device("cpu"), dataclasses.replace(settings, clahe=True, intensity=True))
         for side in (1, 2):  # validation and test: CLAHE only, exactly the per-image evaluation transform
             images, _ = next(iter(recipe[side]))
             assert (images - next(iter(plain[side]))[0]).abs().max() > 0.1
@@ -165,11 +169,11 @@ def test_a_from_scratch_run_says_so_and_records_its_preprocessing(tmp_path, caps
     out = capsys.readouterr().out
     assert "From-scratch recipe for random initial weights (cosine schedule, 1-epoch warm-up, CLAHE, intensity" in out
     assert "Using different learning rates: Backbone 1.00e-03, Classifier 1.00e-03" in out
-    best = load_checkpoint(ckpt / "best_resnet50_tb_full_trained.pth")
-    assert best["epoch"] == best["best_epoch"] == 2  # --selection last: the schedule's end
-    assert best["preprocessing"] == {"clahe": {"clip_limit": 2.0, "tile_grid": (8, 8)}}
-    last = load_checkpoint(ckpt / "last.pth")
-    assert [h["lr_classifier"] for h in last["history"]] == pytest.approx([1e-4, 1e-3])  # warm-up, then cosine
+    best = Checkpoint.load(ckpt / "best_resnet50_tb_full_trained.pth")
+    assert best.state.epoch == best.state.best_epoch == 2  # --selection last: the schedule's end
+    assert best.clahe == {"clip_limit": 2.0, "tile_grid": (8, 8)}
+    last = Checkpoint.load(ckpt / "last.pth")
+    assert [h["lr_classifier"] for h in last.state.history] == pytest.approx([1e-4, 1e-3])  # warm-up, then cosine
 
     with pytest.raises(SystemExit):  # a cosine schedule cannot be stretched on resume
         trainer.config_from_args(["--resume", str(ckpt / "last.pth"), "--epochs", "5"])

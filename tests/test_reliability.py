@@ -15,19 +15,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, free_port, learning_metrics, make_organized, start_mlflow_server, stop_process_group
+from conftest import (
+    ROOT,
+    exits_with,
+    free_port,
+    learning_metrics,
+    make_organized,
+    start_mlflow_server,
+    stop_process_group,
+)
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import resnet50_gradcam_tb_full as gradcam
 import resnet50_tb_full as trainer
-from tbcxr.checkpoint import checkpoint_dict, save_checkpoint, write_json
+from tbcxr.checkpoint import Checkpoint, RunState, write_json
 from tbcxr.config import MANIFEST_NAME, PENDING_RECORDS_NAME
-from tbcxr.data import discover_dataset, make_split_manifest, prepare_manifest
+from tbcxr.data import PreparationSettings, discover_dataset, prepare_manifest
 from tbcxr.data_quality import scan_images
 from tbcxr.decoding import load_xray
 from tbcxr.demo import synthetic_xray
+from tbcxr.errors import DataError, DataLayoutError, WeightsUnavailableError
 from tbcxr.model import build_model
+from tbcxr.split import make_split_manifest, split_digest
 from tbcxr.tracking import start_run
 
 TINY = [*"--image-size 32 --batch-size 8 --num-workers 0 --weights none --recipe original --seed 3".split()]
@@ -161,28 +171,29 @@ def test_resuming_a_run_killed_after_it_stopped_early_trains_no_more_epochs(tmp_
         ["--data-dir", str(data), "--epochs", "2", "--checkpoint-dir", str(ckpt), "--tracking-uri", uri, *TINY]
     )
     # As if killed while finishing after early stopping: the patience used up, the run not yet completed.
-    saved = torch.load(ckpt / "last.pth", map_location="cpu", weights_only=True)
-    save_checkpoint(saved | {"stale_epochs": 7, "completed": False}, ckpt / "last.pth")
+    saved = Checkpoint.load(ckpt / "last.pth")
+    saved.state.stale_epochs, saved.state.completed = 7, False
+    saved.save(ckpt / "last.pth")
     capsys.readouterr()
 
     summary = trainer.main(["--resume", str(ckpt / "last.pth"), "--epochs", "10"])
 
     out = capsys.readouterr().out
     assert "Epoch 3:" not in out and "Early stopping: no better validation AUC for 7 epochs" in out
-    assert summary["epochs_trained"] == 2 and history(ckpt / "last.pth") == saved["history"]
+    assert summary["epochs_trained"] == 2 and history(ckpt / "last.pth") == saved.state.history
 
 
 # --------------------------------------------------------------------------- 3. atomic writes
 def test_failed_checkpoint_write_leaves_previous_file_intact(tmp_path):
     path = tmp_path / "last.pth"
-    save_checkpoint({"epoch": 1, "weights": torch.ones(1000)}, path)
+    Checkpoint({"w": torch.ones(1000)}, {}, 32, 0, RunState(epoch=1)).save(path)
 
     # A lambda cannot be pickled: torch.save fails half-way through the write.
     with pytest.raises((pickle.PicklingError, AttributeError)):
-        save_checkpoint({"epoch": 2, "weights": torch.zeros(10**6), "broken": lambda: None}, path)
+        Checkpoint({"w": torch.zeros(10**6)}, {"broken": lambda: None}, 32, 0, RunState(epoch=2)).save(path)
 
-    kept = torch.load(path, weights_only=True)
-    assert kept["epoch"] == 1 and torch.equal(kept["weights"], torch.ones(1000))
+    kept = Checkpoint.load(path)
+    assert kept.state.epoch == 1 and torch.equal(kept.model_state["w"], torch.ones(1000))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temp file left behind
 
 
@@ -193,9 +204,10 @@ def test_kill_during_checkpoint_writes_never_leaves_a_torn_file(tmp_path):
             sys.executable,
             "-c",
             (
-                "import sys, torch\nfrom tbcxr.checkpoint import save_checkpoint\n"
+                "import torch\nfrom tbcxr.checkpoint import Checkpoint, RunState\n"
                 "for i in range(10**6):\n"
-                f"    save_checkpoint({{'i': i, 'w': torch.full((4_000_000,), float(i))}}, {str(path)!r})\n"
+                f"    Checkpoint({{'w': torch.full((4_000_000,), float(i))}}, {{}}, 32, 0, RunState(epoch=i))"
+                f".save({str(path)!r})\n"
             ),
         ],
         cwd=ROOT,
@@ -207,8 +219,8 @@ def test_kill_during_checkpoint_writes_never_leaves_a_torn_file(tmp_path):
     writer.send_signal(signal.SIGKILL)
     writer.wait(timeout=30)
 
-    kept = torch.load(path, weights_only=True)
-    assert kept["i"] >= 0 and torch.all(kept["w"] == kept["i"])
+    kept = Checkpoint.load(path)
+    assert kept.state.epoch >= 0 and torch.all(kept.model_state["w"] == kept.state.epoch)
 
 
 # --------------------------------------------------------------------------- 4. MLflow server dies
@@ -267,7 +279,7 @@ def test_mlflow_server_dying_mid_run_loses_nothing(tmp_path, data):
 
 
 # --------------------------------------------------------------------------- 5, 6. NaN loss, OOM
-def test_non_finite_loss_stops_with_epoch_and_batch_and_keeps_best(tmp_path, data):
+def test_non_finite_loss_stops_with_epoch_and_batch_and_keeps_best(tmp_path, data, capsys):
     args = [
         "--data-dir",
         str(data),
@@ -285,20 +297,17 @@ def test_non_finite_loss_stops_with_epoch_and_batch_and_keeps_best(tmp_path, dat
     state = build_model("none").state_dict()
     state["layer4.2.conv3.weight"][0, 0, 0, 0] = float("nan")
     torch.save(state, tmp_path / "corrupt.pth")
-    with pytest.raises(SystemExit) as error:
+    with exits_with(capsys, r"became nan at epoch 1, batch 1\. .*--lr.*--no-amp"):
         trainer.main([*args, "--epochs", "2", "--weights", str(tmp_path / "corrupt.pth")])
-
-    message = str(error.value.code)
-    assert "became nan at epoch 1, batch 1" in message and "--no-amp" in message and "--lr" in message
     assert best.read_bytes() == before
 
 
-def test_out_of_memory_gives_the_seeds_memory_advice(tmp_path, data, monkeypatch):
+def test_out_of_memory_gives_the_seeds_memory_advice(tmp_path, data, monkeypatch, capsys):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(trainer, "train_one_epoch", out_of_memory)
-    with pytest.raises(SystemExit) as error:
+    with exits_with(capsys, r"out of GPU memory(.|\n)*--batch-size 8 and --amp"):
         trainer.main(
             [
                 "--data-dir",
@@ -312,8 +321,6 @@ def test_out_of_memory_gives_the_seeds_memory_advice(tmp_path, data, monkeypatch
                 *TINY,
             ]
         )
-    message = str(error.value.code)
-    assert "out of GPU memory" in message and "--batch-size 8" in message and "--amp" in message
 
 
 # --------------------------------------------------------------------------- bad input
@@ -337,16 +344,8 @@ def corrupt_files(folder: Path) -> dict[str, Path]:
 def prepare(data, tmp_path, strict: bool = False, dedup: bool = False) -> dict:
     """The trainer's data preparation with its default fractions and seed."""
     defaults = trainer.TrainConfig()
-    return prepare_manifest(
-        str(data),
-        tmp_path / "manifest.json",
-        val_fraction=defaults.val_fraction,
-        test_fraction=defaults.test_fraction,
-        seed=defaults.seed,
-        strict=strict,
-        dedup=dedup,
-        workers=2,
-    )
+    settings = PreparationSettings(defaults.val_fraction, defaults.test_fraction, defaults.seed, strict, dedup)
+    return prepare_manifest(str(data), tmp_path / "manifest.json", settings, workers=2)
 
 
 def test_unreadable_files_are_listed_once_and_skipped_or_refused(tmp_path, data, capsys):
@@ -361,7 +360,7 @@ def test_unreadable_files_are_listed_once_and_skipped_or_refused(tmp_path, data,
     assert stderr.count("WARNING: skipping 3 image files") == 1
     assert all(str(files[k]) in stderr for k in ("truncated", "empty", "text"))
 
-    with pytest.raises(SystemExit, match="3 image files cannot be read"):
+    with pytest.raises(DataError, match="3 image files cannot be read"):
         prepare(data, tmp_path, strict=True)
 
 
@@ -369,7 +368,7 @@ def test_class_left_empty_after_skipping_is_an_error(tmp_path, data):
     for path in (data / "test" / "Tuberculosis").iterdir():
         path.write_bytes(b"")
     with pytest.raises(
-        SystemExit, match="no Tuberculosis images left on the test side once unreadable files were skipped"
+        DataLayoutError, match="no Tuberculosis images left on the test side once unreadable files were skipped"
     ):
         prepare(data, tmp_path)
 
@@ -440,7 +439,8 @@ def test_a_test_side_left_without_tuberculosis_once_copies_go_is_an_error(tmp_pa
     for i, image in enumerate(sorted((data / "test" / "Tuberculosis").iterdir())):  # each a copy of a training image
         image.write_bytes(tb_train[i].read_bytes())
     with pytest.raises(
-        SystemExit, match="no Tuberculosis images left on the test side once copies of training or validation images"
+        DataLayoutError,
+        match="no Tuberculosis images left on the test side once copies of training or validation images",
     ):
         prepare(data, tmp_path)
 
@@ -462,14 +462,14 @@ def test_wrong_cli_values_fail_in_argparse(flag, value, complaint, capsys):
     assert f"argument {flag}" in err and complaint in err
 
 
-def test_outputs_inside_the_data_folder_are_refused(tmp_path, data):
-    with pytest.raises(SystemExit, match="inside the data folder"):
+def test_outputs_inside_the_data_folder_are_refused(tmp_path, data, capsys):
+    with exits_with(capsys, "inside the data folder"):
         trainer.main(["--data-dir", str(data), "--checkpoint-dir", str(data / "ckpt"), *TINY])
     manifest = make_split_manifest(discover_dataset(data), 0.2, 0.2, seed=0)
     write_json(manifest, tmp_path / "ckpt" / MANIFEST_NAME)
     model = build_model("none")
-    save_checkpoint(checkpoint_dict(model, {}, 32), tmp_path / "ckpt" / "best.pth")
-    with pytest.raises(SystemExit, match="inside the data folder"):
+    Checkpoint.from_model(model, {}, 32, split_digest=split_digest(manifest)).save(tmp_path / "ckpt" / "best.pth")
+    with exits_with(capsys, "inside the data folder"):
         gradcam.main(["--checkpoint", str(tmp_path / "ckpt" / "best.pth"), "--output-dir", str(data / "cams")])
     assert not (data / "ckpt").exists() and not (data / "cams").exists()
 
@@ -483,17 +483,14 @@ class RunsCodeOnLoad:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_checkpoints_that_would_run_code_are_refused_by_both_scripts(tmp_path):
+def test_checkpoints_that_would_run_code_are_refused_by_both_scripts(tmp_path, capsys):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     torch.save({"format": 1, "model": RunsCodeOnLoad(marker)}, evil)
 
-    for run in (
-        lambda: trainer.main(["--resume", str(evil)]),
-        lambda: gradcam.main(["--checkpoint", str(evil)]),
-        lambda: build_model(str(evil)),
-    ):
-        with pytest.raises(SystemExit) as error:
+    for run in (lambda: trainer.main(["--resume", str(evil)]), lambda: gradcam.main(["--checkpoint", str(evil)])):
+        with exits_with(capsys, "safe, readable"):
             run()
-        assert "safe, readable" in str(error.value.code)
+    with pytest.raises(WeightsUnavailableError, match="safe, readable"):
+        build_model(str(evil))
     assert not marker.exists()

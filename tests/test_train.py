@@ -9,12 +9,15 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import ROOT, coloured_share, rescored_test_accuracy, shared_data
+from conftest import ROOT, coloured_share, exits_with, rescored_test_accuracy, shared_data
 from mlflow.tracking import MlflowClient
 
 import resnet50_tb_full as trainer
-from tbcxr.checkpoint import model_from_checkpoint
+from tbcxr.checkpoint import Checkpoint, read_json
 from tbcxr.demo import make_demo_dataset
+from tbcxr.evaluation import predict_checkpoint
+from tbcxr.metrics import classification_metrics
+from tbcxr.split import manifest_samples
 from tbcxr.tracking import experiment_id, resolve_tracking_uri
 
 TINY = ["--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--weights", "none", "--recipe", "original"]
@@ -38,6 +41,7 @@ def metric_steps(client, run_id, key):
     return [m.step for m in client.get_metric_history(run_id, key)]
 
 
+@pytest.mark.real_log_model  # the one test of the model MLflow logs (torch.export); the others skip it
 def test_two_epochs_write_every_checkpoint_summary_and_mlflow_run(tmp_path, organized_data, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     summary = train(tmp_path, organized_data, uri, "--epochs", "2", "--save-every", "1")
@@ -77,10 +81,28 @@ def test_two_epochs_write_every_checkpoint_summary_and_mlflow_run(tmp_path, orga
     assert best["class_names"] == ["Normal", "Tuberculosis"] and best["image_size"] == 32
     assert best["config"]["epochs"] == 2 and best["mlflow_run_id"] == summary["mlflow_run_id"]
     assert last["epoch"] == 2 and {"optimizer", "scheduler", "scaler"} <= last.keys()
-    model = model_from_checkpoint(best)
+    model_checkpoint = Checkpoint.load(ckpt_dir / "best_resnet50_tb_full_trained.pth")
+    model = model_checkpoint.model()
     assert torch.equal(model.fc.weight, best["model"]["fc.weight"])
 
+    # Beside 0.5, the test results at the operating point the checkpoint recommends, chosen on validation:
+    # the numbers of that threshold on the best checkpoint's test scores, printed and in summary.json.
+    threshold = model_checkpoint.operating_threshold
+    samples = manifest_samples(read_json(ckpt_dir / "split_manifest.json"), "test")
+    labels, probs = predict_checkpoint(model_checkpoint, samples, torch.device("cpu"), 16, 0)
+    at_point = classification_metrics(labels, probs, threshold)
+    assert model_checkpoint.recommended_operating_point == "youden" and threshold != 0.5
+    assert (
+        f"Test Results at Youden's J (threshold {threshold:.4f}, chosen on validation) - "
+        f"Accuracy: {at_point['accuracy']:.4f}, F1: {at_point['f1']:.4f}, Sensitivity: {at_point['sensitivity']:.4f}, "
+        f"Specificity: {at_point['specificity']:.4f}, AUC: {at_point['auc']:.4f}"
+    ) in out.splitlines()
+    assert out.index("Test Results - ") < out.index("Test Results at Youden's J")
     written = json.loads((ckpt_dir / "summary.json").read_text())
+    recorded = written["test_metrics_at_operating_point"]
+    assert recorded["name"] == "youden" and recorded["threshold"] == threshold
+    for key in ("accuracy", "f1", "sensitivity", "specificity", "auc"):
+        assert recorded[f"test_{key}"] == pytest.approx(at_point[key], abs=1e-6), key
     assert set(written["test_metrics"]) >= {
         "test_accuracy",
         "test_f1",
@@ -109,10 +131,7 @@ def test_two_epochs_write_every_checkpoint_summary_and_mlflow_run(tmp_path, orga
     assert client.search_logged_models([run.info.experiment_id])[0].artifact_location.startswith(artifacts_root)
 
     # Going back to a periodic checkpoint of the same run is refused: it would log epoch 2 twice.
-    with pytest.raises(
-        SystemExit,
-        match="is epoch 1 of a run that .*last.pth has carried on to epoch 2: going back would log the epochs after 1",
-    ):
+    with exits_with(capsys, "is epoch 1 of a run that .*last.pth has carried on to epoch 2: going back would log"):
         trainer.main(["--resume", str(periodic[0]), "--epochs", "3"])
 
     # --resume continues the same run from the saved epoch.
@@ -182,13 +201,11 @@ def test_explicit_tracking_uri_that_does_not_answer_stops_before_training(tmp_pa
     assert "Epoch 1" not in result.stdout
 
 
-def test_resume_without_the_split_manifest_says_the_split_is_unknown(tmp_path, trained_run):
+def test_resume_without_the_split_manifest_says_the_split_is_unknown(tmp_path, trained_run, capsys):
     moved = tmp_path / "moved"
     moved.mkdir()
     (moved / "last.pth").symlink_to(trained_run["best"].parent / "last.pth")
-    with pytest.raises(
-        SystemExit, match="no split_manifest.json in .*moved, so the split the checkpoint was trained on is unknown"
-    ):
+    with exits_with(capsys, "no split_manifest.json in .*moved, so the split the checkpoint was trained on is unknown"):
         trainer.main(["--resume", str(moved / "last.pth"), "--checkpoint-dir", str(moved), "--epochs", "3"])
 
 
@@ -298,7 +315,7 @@ def test_compile_runs_on_the_cpu_and_checkpoints_keep_the_plain_model_keys(tmp_p
 
     best = torch.load(tmp_path / "ckpt" / "best_resnet50_tb_full_trained.pth", map_location="cpu", weights_only=True)
     assert not any(key.startswith("_orig_mod") for key in best["model"])
-    model = model_from_checkpoint(best)  # loads strictly into a plain ResNet50
+    model = Checkpoint.load(tmp_path / "ckpt" / "best_resnet50_tb_full_trained.pth").model()  # strictly: plain keys
     assert torch.equal(model.fc.bias, best["model"]["fc.bias"])
     assert summary["best_epoch"] == 1
 

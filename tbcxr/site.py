@@ -1,0 +1,250 @@
+"""Site thresholds: choose operating points on a hospital's own labelled sample (WHO guidance for CAD).
+
+A threshold table over candidate P(TB) thresholds: sensitivity and specificity with 95% Wilson
+intervals, PPV and NPV at the sample's prevalence and at the screening prevalence the user gives,
+referrals per 1,000 screened, and whether the WHO triage target holds. The operating points
+refitted on the sample go into a new checkpoint beside the original, which is never modified.
+A case is TB-positive when P(TB) >= threshold, as everywhere in the project.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .config import CLASS_NAMES, POSITIVE_CLASS
+from .errors import DataError
+from .metrics import THRESHOLD_NAMES, WHO_TRIAGE_MIN_SPECIFICITY, WHO_TRIAGE_SENSITIVITY, select_thresholds
+
+MINIMUM_PER_CLASS = 20  # below this, a 95% interval on sensitivity spans more than about 0.35
+GRID = np.round(np.arange(1, 20) * 0.05, 2)  # 0.05, 0.10, ..., 0.95
+REFITTED = ("youden", "who_triage")  # the operating points fitted on the site sample ("default" is always 0.5)
+PREDICTIVE_VALUES = ("ppv_sample", "npv_sample", "ppv_at_prevalence", "npv_at_prevalence")  # NaN: nobody called so
+COLUMNS = (
+    "threshold",
+    "source",
+    "tp",
+    "fn",
+    "tn",
+    "fp",
+    "sensitivity",
+    "sensitivity_ci_low",
+    "sensitivity_ci_high",
+    "specificity",
+    "specificity_ci_low",
+    "specificity_ci_high",
+    "ppv_sample",
+    "npv_sample",
+    "ppv_at_prevalence",
+    "npv_at_prevalence",
+    "referrals_per_1000",
+    "meets_who_triage",
+)
+
+
+def refuse_small_sample(labels, minimum: int = MINIMUM_PER_CLASS) -> None:
+    """Stop unless the sample holds at least `minimum` images of each class: a threshold fitted on
+    fewer has intervals too wide to act on, and one class alone has no sensitivity or specificity."""
+    labels = np.asarray(labels)
+    counts = {name: int((labels == i).sum()) for i, name in enumerate(CLASS_NAMES)}
+    if min(counts.values()) < minimum:
+        found = " and ".join(f"{n} {name}" for name, n in counts.items())
+        why = "one class only" if min(counts.values()) == 0 else f"fewer than {minimum} of one class"
+        raise DataError(
+            f"error: a site sample needs at least {minimum} {CLASS_NAMES[POSITIVE_CLASS]} and {minimum} "
+            f"{CLASS_NAMES[1 - POSITIVE_CLASS]} images to fit thresholds on; found {found} ({why}). "
+            "Add labelled images of the short class and run again"
+        )
+
+
+def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion (good at 0 and 1, unlike the normal approximation)."""
+    from scipy.stats import binomtest
+
+    interval = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def predictive_values(sensitivity: float, specificity: float, prevalence: float) -> tuple[float, float]:
+    """PPV and NPV by Bayes' rule at a prevalence (NaN where nothing is called positive, or negative)."""
+    positives = sensitivity * prevalence + (1 - specificity) * (1 - prevalence)
+    ppv = sensitivity * prevalence / positives if positives > 0 else float("nan")
+    npv = specificity * (1 - prevalence) / (1 - positives) if positives < 1 else float("nan")
+    return float(ppv), float(npv)
+
+
+def candidate_thresholds(labels, probs, stored: dict[str, float]) -> dict[float, list[str]]:
+    """threshold -> where it comes from: the grid, the points refitted on this sample, the checkpoint's."""
+    refitted = select_thresholds(labels, probs)
+    named = [(float(t), "grid") for t in GRID]
+    named += [(refitted[name], f"site {name}") for name in REFITTED]
+    named += [(float(t), f"checkpoint {name}") for name, t in stored.items()]
+    sources: dict[float, list[str]] = {}
+    for threshold, source in sorted(named, key=lambda pair: pair[0]):  # stable: grid, site, checkpoint
+        sources.setdefault(threshold, []).append(source)
+    return sources
+
+
+def threshold_row(labels: np.ndarray, probs: np.ndarray, threshold: float, prevalence: float) -> dict:
+    """One threshold's confusion counts and what a site needs to choose it."""
+    called = probs >= threshold
+    tp, fn = int((called & (labels == 1)).sum()), int((~called & (labels == 1)).sum())
+    tn, fp = int((~called & (labels == 0)).sum()), int((called & (labels == 0)).sum())
+    sensitivity, specificity = tp / (tp + fn), tn / (tn + fp)
+    ppv_sample, npv_sample = predictive_values(sensitivity, specificity, (tp + fn) / len(labels))
+    ppv, npv = predictive_values(sensitivity, specificity, prevalence)
+    return {
+        "threshold": threshold,
+        "tp": tp,
+        "fn": fn,
+        "tn": tn,
+        "fp": fp,
+        "sensitivity": sensitivity,
+        **dict(zip(("sensitivity_ci_low", "sensitivity_ci_high"), wilson_interval(tp, tp + fn))),
+        "specificity": specificity,
+        **dict(zip(("specificity_ci_low", "specificity_ci_high"), wilson_interval(tn, tn + fp))),
+        "ppv_sample": ppv_sample,
+        "npv_sample": npv_sample,
+        "ppv_at_prevalence": ppv,
+        "npv_at_prevalence": npv,
+        "referrals_per_1000": 1000 * (sensitivity * prevalence + (1 - specificity) * (1 - prevalence)),
+        "meets_who_triage": sensitivity >= WHO_TRIAGE_SENSITIVITY and specificity >= WHO_TRIAGE_MIN_SPECIFICITY,
+    }
+
+
+def site_threshold_table(labels, probs, prevalence: float, stored: dict[str, float]) -> list[dict]:
+    """One row per candidate threshold, ascending: the 0.05 grid, the Youden and WHO triage points refitted
+    on this sample, and the checkpoint's `stored` points; `source` names every origin of a threshold.
+    The sample must hold both classes (refuse_small_sample checks that first)."""
+    labels, probs = np.asarray(labels), np.asarray(probs)
+    return [
+        threshold_row(labels, probs, threshold, prevalence) | {"source": ", ".join(sources)}
+        for threshold, sources in candidate_thresholds(labels, probs, stored).items()
+    ]
+
+
+def refitted_rows(rows: list[dict]) -> dict[str, dict]:
+    """Operating point name -> the table row of the point refitted on the site sample."""
+    return {name: row for name in REFITTED for row in rows if f"site {name}" in row["source"].split(", ")}
+
+
+def write_site_tables(rows: list[dict], prefix: Path, *, prevalence: float, checkpoint: Path) -> list[Path]:
+    """PREFIX_site_thresholds.csv (every number, full precision) and .md (for people: rounded, with a
+    header saying what sample, which prevalence and which checkpoint the numbers belong to)."""
+    csv_path, md_path = Path(f"{prefix}_site_thresholds.csv"), Path(f"{prefix}_site_thresholds.md")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    first = rows[0]
+    positives, images = first["tp"] + first["fn"], first["tp"] + first["fn"] + first["tn"] + first["fp"]
+    at = f"{prevalence:.1%}"
+    lines = [
+        f"# Site thresholds of {Path(checkpoint).name}",
+        "",
+        f"Checkpoint {checkpoint}, scored on {images} images ({positives} {CLASS_NAMES[POSITIVE_CLASS]}, "
+        f"{images - positives} {CLASS_NAMES[1 - POSITIVE_CLASS]}): sample prevalence {positives / images:.1%}; "
+        f"PPV, NPV and referrals also at a screening prevalence of {at}. A case is positive when P(TB) >= "
+        f"threshold. Intervals: 95% Wilson. WHO triage target: sensitivity >= {WHO_TRIAGE_SENSITIVITY:.2f} "
+        f"and specificity >= {WHO_TRIAGE_MIN_SPECIFICITY:.2f}.",
+        "",
+        f"| threshold | source | TP | FN | TN | FP | sensitivity (95% CI) | specificity (95% CI) | PPV sample "
+        f"| NPV sample | PPV at {at} | NPV at {at} | referrals per 1,000 at {at} | WHO triage |",
+        "|" + "---|" * 14,
+    ]
+    for row in rows:
+        cells = [
+            f"{row['threshold']:.3f}",
+            ", ".join(readable_source(s) for s in row["source"].split(", ")),
+            *(str(row[k]) for k in ("tp", "fn", "tn", "fp")),
+            *(
+                f"{row[k]:.3f} [{row[k + '_ci_low']:.3f}, {row[k + '_ci_high']:.3f}]"
+                for k in ("sensitivity", "specificity")
+            ),
+            *(f"{row[k]:.3f}" if np.isfinite(row[k]) else "n/a" for k in PREDICTIVE_VALUES),
+            f"{row['referrals_per_1000']:.0f}",
+            "**met**" if row["meets_who_triage"] else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return [csv_path, md_path]
+
+
+def readable_source(source: str) -> str:
+    """'site who_triage' -> 'site WHO triage'."""
+    where, _, name = source.partition(" ")
+    return f"{where} {THRESHOLD_NAMES.get(name, name)}" if name else where
+
+
+def site_checkpoint_path(checkpoint_path: Path, sample_name: str) -> Path:
+    """Where the refitted checkpoint goes: beside the original, named after it and the sample folder."""
+    checkpoint_path = Path(checkpoint_path)
+    return checkpoint_path.with_name(f"{checkpoint_path.stem}_site_{sample_name}{checkpoint_path.suffix}")
+
+
+def refit_checkpoint(checkpoint: Checkpoint, checkpoint_path: Path, thresholds: dict[str, float], sample: dict) -> Path:
+    """Write a new checkpoint beside `checkpoint_path`: the same weights, preprocessing and calibration, its
+    operating points replaced by `thresholds` (refitted on the site sample), and a record of that sample.
+    The original file is only read."""
+    checkpoint_path = Path(checkpoint_path)
+    record = sample | {
+        "date": date.today().isoformat(),
+        "refitted_from": str(checkpoint_path.resolve()),
+        "refitted_from_sha256": sha256_of(checkpoint_path),
+    }
+    path = site_checkpoint_path(checkpoint_path, sample["name"])
+    checkpoint.with_operating_points({"default": 0.5, **thresholds}, site=record).save(path)
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()  # streamed: a ResNet50 checkpoint is about 95 MB
+
+
+def fit_site_thresholds(
+    checkpoint: Checkpoint, checkpoint_path: Path, labels, probs, prevalence: float, prefix: Path, sample: dict
+) -> dict:
+    """--site-thresholds: the table (CSV, markdown), its plot and the refitted checkpoint; prints where they
+    went and the refitted points. `sample`: the site sample's name (for file names), folder and description,
+    recorded in the new checkpoint. Returns what the evaluation report records."""
+    from .figures import site_threshold_figure
+
+    labels, probs = np.asarray(labels), np.asarray(probs)
+    rows = site_threshold_table(labels, probs, prevalence, checkpoint.state.thresholds)
+    refitted = refitted_rows(rows)
+    points = {name: row["threshold"] for name, row in refitted.items()}
+    files = write_site_tables(rows, prefix, prevalence=prevalence, checkpoint=checkpoint_path)
+    figure = Path(f"{prefix}_site_thresholds.png")
+    files.append(site_threshold_figure(rows, points, figure, f"{sample['name']}, {len(labels)} images"))
+    counts = {name: int((labels == i).sum()) for i, name in enumerate(CLASS_NAMES)}
+    new_path = refit_checkpoint(checkpoint, checkpoint_path, points, sample | {"images": len(labels)} | counts)
+    positives = counts[CLASS_NAMES[POSITIVE_CLASS]]
+    print(
+        f"Site thresholds fitted on {len(labels)} images ({', '.join(f'{n} {name}' for name, n in counts.items())};"
+        f" sample prevalence {positives / len(labels):.1%}), P(TB) calibrated with scale "
+        f"{checkpoint.state.calibration.scale:.3f}, bias {checkpoint.state.calibration.bias:+.3f}:"
+    )
+    for name, row in refitted.items():
+        print(
+            f"  site {THRESHOLD_NAMES[name]:<11} t={row['threshold']:.4f}: sensitivity {row['sensitivity']:.3f} "
+            f"[{row['sensitivity_ci_low']:.3f}, {row['sensitivity_ci_high']:.3f}], specificity "
+            f"{row['specificity']:.3f} [{row['specificity_ci_low']:.3f}, {row['specificity_ci_high']:.3f}]; "
+            f"at prevalence {prevalence:.1%}: PPV {row['ppv_at_prevalence']:.3f}, NPV {row['npv_at_prevalence']:.3f}, "
+            f"{row['referrals_per_1000']:.0f} referrals per 1,000; WHO triage target "
+            + ("met" if row["meets_who_triage"] else "not met")
+        )
+    print(f"Site threshold table: {files[0]}, {files[1].name}, plot {files[2].name}")
+    print(f"Refitted checkpoint: {new_path} (predicts at the site's Youden's J, t={points['youden']:.4f}; "
+          f"{checkpoint_path} unchanged)")  # fmt: skip
+    return {
+        "prevalence": prevalence,
+        "operating_points": {name: {k: row[k] for k in COLUMNS if k != "source"} for name, row in refitted.items()},
+        "files": [str(f) for f in files],
+        "checkpoint": str(new_path),
+    }

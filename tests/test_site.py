@@ -1,0 +1,246 @@
+"""Site thresholds: a hospital fits its own operating points on a labelled local sample, reads them
+off a threshold table, and gets a new checkpoint that predicts with them (the original untouched)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import shutil
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import coloured_share, exits_with, write_xrays
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from scipy.stats import binomtest
+
+import resnet50_tb_full as trainer
+from tbcxr import site
+from tbcxr.checkpoint import Checkpoint
+from tbcxr.config import MANIFEST_NAME
+from tbcxr.errors import DataError
+from tbcxr.evaluation import predict_checkpoint
+from tbcxr.figures import site_threshold_figure
+from tbcxr.metrics import select_thresholds
+
+# 20 TB and 20 Normal images with four distinct scores, so every count below is worked out by hand.
+HAND_LABELS = np.repeat([1, 0], 20)
+HAND_PROBS = np.r_[[0.8] * 17, [0.35] * 3, [0.1] * 16, [0.55] * 4]
+STORED = {"default": 0.5, "youden": 0.42, "who_triage": 0.2}
+
+
+def hand_table(prevalence: float = 0.05) -> dict[float, dict]:
+    rows = site.site_threshold_table(HAND_LABELS, HAND_PROBS, prevalence, STORED)
+    return {row["threshold"]: row for row in rows}
+
+
+def test_a_threshold_row_holds_the_hand_computed_counts_rates_and_predictive_values():
+    row = hand_table(prevalence=0.05)[0.5]  # TB: 17 at 0.8 called, 3 at 0.35 missed; Normal: 4 at 0.55 called
+    assert (row["tp"], row["fn"], row["tn"], row["fp"]) == (17, 3, 16, 4)
+    assert row["sensitivity"] == pytest.approx(0.85) and row["specificity"] == pytest.approx(0.80)
+    assert row["ppv_sample"] == pytest.approx(17 / 21) and row["npv_sample"] == pytest.approx(16 / 19)
+    # Bayes at 5%: PPV = 0.85*0.05 / (0.85*0.05 + 0.20*0.95), NPV = 0.80*0.95 / (0.80*0.95 + 0.15*0.05)
+    assert row["ppv_at_prevalence"] == pytest.approx(0.0425 / 0.2325)
+    assert row["npv_at_prevalence"] == pytest.approx(0.76 / 0.7675)
+    assert row["referrals_per_1000"] == pytest.approx(232.5)  # 1000 * (0.0425 + 0.19)
+    assert row["source"] == "grid, checkpoint default"
+    at_one_percent = hand_table(prevalence=0.01)[0.5]  # the user's prevalence moves PPV, not the sample's
+    assert at_one_percent["ppv_at_prevalence"] == pytest.approx(0.0085 / (0.0085 + 0.198))
+    assert at_one_percent["ppv_sample"] == row["ppv_sample"]
+
+
+def test_candidates_are_the_grid_the_refitted_and_the_stored_points_sorted_once_each():
+    table = hand_table()
+    thresholds = list(table)
+    assert thresholds == sorted(set(thresholds))
+    grid = [round(0.05 * k, 2) for k in range(1, 20)]
+    assert set(grid) <= set(thresholds)
+    # Youden's J is maximal (0.85) on (0.55, 0.8]: its middle 0.675. The highest threshold reaching
+    # sensitivity 0.90 is the lowest TB score, 0.35, also a grid point.
+    assert table[0.675]["source"] == "site youden"
+    assert table[0.35]["source"] == "grid, site who_triage"
+    assert table[0.42]["source"] == "checkpoint youden"
+    assert table[0.2]["source"] == "grid, checkpoint who_triage"
+    assert set(thresholds) == set(grid) | {0.675, 0.42}
+    refitted = site.refitted_rows(list(table.values()))
+    assert {name: row["threshold"] for name, row in refitted.items()} == {"youden": 0.675, "who_triage": 0.35}
+
+
+def wilson_by_formula(successes: int, trials: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    p = successes / trials
+    centre = (p + z**2 / (2 * trials)) / (1 + z**2 / trials)
+    half = z / (1 + z**2 / trials) * math.sqrt(p * (1 - p) / trials + z**2 / (4 * trials**2))
+    return centre - half, centre + half
+
+
+def test_intervals_are_95_percent_wilson_intervals():
+    for row in hand_table().values():
+        for metric, (k, n) in (
+            ("sensitivity", (row["tp"], row["tp"] + row["fn"])),
+            ("specificity", (row["tn"], row["tn"] + row["fp"])),
+        ):
+            expected = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+            assert (row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]) == pytest.approx((expected.low, expected.high))
+            assert row[f"{metric}_ci_low"] == pytest.approx(max(0.0, wilson_by_formula(k, n)[0]), abs=1e-9)
+            assert row[f"{metric}_ci_low"] <= row[metric] <= row[f"{metric}_ci_high"]
+
+
+def test_who_triage_is_marked_exactly_where_both_targets_hold():
+    table = hand_table()
+    # 0.15 to 0.35: all 20 TB called (sensitivity 1.0), the 16 Normal at 0.1 cleared (specificity 0.80).
+    # At 0.1 every Normal is called; above 0.35 three TB are missed (0.85 < 0.90).
+    met = {t for t, row in table.items() if row["meets_who_triage"]}
+    assert met == {0.15, 0.2, 0.25, 0.3, 0.35}
+    for row in table.values():
+        by_counts = row["tp"] / (row["tp"] + row["fn"]) >= 0.90 and row["tn"] / (row["tn"] + row["fp"]) >= 0.70
+        assert row["meets_who_triage"] == by_counts
+
+
+@pytest.mark.parametrize(
+    ("labels", "reason"),
+    [
+        ([1] * 40, "found 0 Normal and 40 Tuberculosis (one class only)"),
+        ([1] * 19 + [0] * 30, "found 30 Normal and 19 Tuberculosis (fewer than 20 of one class)"),
+        ([0] * 5 + [1] * 25, "found 5 Normal and 25 Tuberculosis (fewer than 20 of one class)"),
+    ],
+)
+def test_a_sample_with_one_class_or_too_few_of_one_is_refused_with_the_reason(labels, reason):
+    with pytest.raises(DataError, match="at least 20 Tuberculosis and 20 Normal") as refused:
+        site.refuse_small_sample(labels)
+    assert reason in str(refused.value)
+    site.refuse_small_sample([1] * 20 + [0] * 20)  # 20 of each is enough
+
+
+def test_tables_and_plot_say_what_they_show(tmp_path):
+    rows = site.site_threshold_table(HAND_LABELS, HAND_PROBS, 0.02, STORED)
+    csv_path, md_path = site.write_site_tables(rows, tmp_path / "eval_x", prevalence=0.02, checkpoint=Path("a/b.pth"))
+    with open(csv_path, newline="") as f:
+        written = list(csv.DictReader(f))
+    assert [float(r["threshold"]) for r in written] == [r["threshold"] for r in rows]
+    assert [int(r["tp"]) for r in written] == [r["tp"] for r in rows]
+    markdown = md_path.read_text()
+    assert "40 images (20 Tuberculosis, 20 Normal): sample prevalence 50.0%" in markdown
+    assert "screening prevalence of 2.0%" in markdown and "a/b.pth" in markdown
+    table_lines = [line for line in markdown.splitlines() if line.startswith("| 0.")]
+    assert len(table_lines) == len(rows)
+    assert table_lines[0].count("| n/a |") == 2  # at 0.05 every image is called TB: no NPV, not NPV 0 or 1
+    assert [line.endswith("| **met** |") for line in table_lines] == [r["meets_who_triage"] for r in rows]
+    assert "| 0.675 | site Youden's J |" in markdown
+
+    assert_both_curves_and_bands(
+        site_threshold_figure(rows, {"youden": 0.675, "who_triage": 0.35}, tmp_path / "site.png", "hand")
+    )
+
+
+def assert_both_curves_and_bands(png: Path) -> None:
+    """Sensitivity (tab:red) and specificity (tab:blue) are drawn, each with its 95% band (the colour at
+    alpha 0.2 on white): an empty titled figure, or one without the bands, fails."""
+    pixels = np.asarray(Image.open(png).convert("RGB"), dtype=int)
+    for colour in ((214, 39, 40), (31, 119, 180)):
+        assert (np.abs(pixels - colour).sum(axis=-1) < 30).mean() > 0.002, colour
+        band = 255 - 0.2 * (255 - np.asarray(colour))
+        assert (np.abs(pixels - band).sum(axis=-1) < 15).mean() > 0.01, colour
+    assert coloured_share(png) > 0.005
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def checkpoint_copy(trained_run, tmp_path) -> Path:
+    """The shared run's best checkpoint and its split manifest, copied: site files go beside the checkpoint."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for name in (trained_run["best"].name, MANIFEST_NAME):
+        shutil.copy(trained_run["best"].parent / name, folder / name)
+    return folder / trained_run["best"].name
+
+
+def labelled_sample(folder: Path, normal: int, tuberculosis: int) -> list[tuple[str, int]]:
+    """A hospital's labelled folder of synthetic X-rays none of the shared run trained on (another seed)."""
+    samples = [(str(p), 0) for p in write_xrays(folder / "Normal", normal, False, size=40, seed=11)]
+    return samples + [(str(p), 1) for p in write_xrays(folder / "Tuberculosis", tuberculosis, True, size=40, seed=11)]
+
+
+def test_site_thresholds_write_the_table_plot_and_a_refitted_checkpoint_leaving_the_original(
+    checkpoint_copy, trained_run, tmp_path, capsys
+):
+    sample = tmp_path / "hospital_c"
+    samples = labelled_sample(sample, normal=26, tuberculosis=24)
+    original_sha = sha256(checkpoint_copy)
+    original = Checkpoint.load(checkpoint_copy)
+
+    report = trainer.main(
+        ["--test-only", "--resume", str(checkpoint_copy), "--data-dir", str(sample), "--site-thresholds",
+         "--prevalence", "0.02", "--bootstrap-resamples", "20", "--num-workers", "0",
+         "--tracking-uri", trained_run["uri"]]
+    )  # fmt: skip
+
+    assert report["class_counts"] == {"Normal": 26, "Tuberculosis": 24}  # nothing left out: all scored
+    out = capsys.readouterr().out
+    assert "Site thresholds fitted on 50 images (26 Normal, 24 Tuberculosis; sample prevalence 48.0%)" in out
+    new_path = checkpoint_copy.with_name(f"{checkpoint_copy.stem}_site_hospital_c.pth")
+    assert f"Refitted checkpoint: {new_path}" in out and f"{checkpoint_copy} unchanged" in out
+    assert sha256(checkpoint_copy) == original_sha
+
+    prefix = checkpoint_copy.parent / "eval_hospital_c_site_thresholds"
+    with open(f"{prefix}.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert all(int(r["tp"]) + int(r["fn"]) == 24 and int(r["tn"]) + int(r["fp"]) == 26 for r in rows)
+    assert "screening prevalence of 2.0%" in Path(f"{prefix}.md").read_text()
+    assert_both_curves_and_bands(Path(f"{prefix}.png"))
+
+    # The new checkpoint's points are the ones this sample's scores give, and the table lists them.
+    labels, probs = predict_checkpoint(original, samples, torch.device("cpu"), 16, 0)
+    expected = select_thresholds(labels, probs)
+    refitted = Checkpoint.load(new_path)
+    assert refitted.state.thresholds == pytest.approx(expected)
+    for name in ("youden", "who_triage"):
+        (row,) = [r for r in rows if f"site {name}" in r["source"]]
+        assert float(row["threshold"]) == refitted.state.thresholds[name]
+        assert refitted.state.thresholds[name] != original.state.thresholds[name]  # the sample moved them
+    assert refitted.operating_threshold == refitted.state.thresholds["youden"]  # prediction uses the site's point
+    assert refitted.state.calibration == original.state.calibration
+    assert all(torch.equal(refitted.model_state[k], v) for k, v in original.model_state.items())
+    assert refitted.site["folder"] == str(sample.resolve()) and refitted.site["date"] == date.today().isoformat()
+    assert (refitted.site["images"], refitted.site["Tuberculosis"], refitted.site["Normal"]) == (50, 24, 26)
+    assert refitted.site["refitted_from_sha256"] == original_sha and original.site is None
+    assert report["site_thresholds"]["checkpoint"] == str(new_path)
+
+    client = MlflowClient(trained_run["uri"])
+    (run,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], filter_string="tags.data LIKE '%hospital_c%'"
+    )
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {f"{prefix.name}.csv", f"{prefix.name}.md", f"{prefix.name}.png"} <= logged
+
+
+def test_a_too_small_site_sample_is_refused_before_anything_is_written(checkpoint_copy, tmp_path, capsys):
+    sample = tmp_path / "clinic_d"
+    labelled_sample(sample, normal=25, tuberculosis=6)
+    with exits_with(capsys, "found 25 Normal and 6 Tuberculosis"):
+        trainer.main(["--test-only", "--resume", str(checkpoint_copy), "--data-dir", str(sample), "--site-thresholds"])
+    assert sorted(p.name for p in checkpoint_copy.parent.iterdir()) == sorted([checkpoint_copy.name, MANIFEST_NAME])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--site-thresholds"], "--site-thresholds needs --test-only"),
+        (["--compare", "a.pth", "b.pth", "--site-thresholds"], "--site-thresholds needs --test-only"),
+        (
+            ["--test-only", "--resume", "a.pth", "--prevalence", "0.02"],
+            "--prevalence is used only by --site-thresholds",
+        ),
+        (["--test-only", "--resume", "a.pth", "--site-thresholds", "--prevalence", "5"], "strictly between 0 and 1"),
+    ],
+)
+def test_site_flags_are_refused_where_they_cannot_apply(flags, message, capsys):
+    with pytest.raises(SystemExit) as refused:
+        trainer.config_from_args(flags)
+    assert refused.value.code == 2 and message in capsys.readouterr().err

@@ -159,6 +159,10 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray) -> Calibration:
     both = np.concatenate([d, d])[:, None]
     as_tb = np.r_[np.ones(len(d)), np.zeros(len(d))]
     fitted = LogisticRegression(C=np.inf).fit(both, as_tb, sample_weight=np.r_[target, 1 - target])
+    if fitted.coef_[0, 0] <= 0:
+        # Validation ranks the classes the wrong way round (AUC <= 0.5): a negative scale would reverse every
+        # score and report 1 - AUC as the model's. Keep the network's ranking: the identity.
+        return Calibration()
     return Calibration(scale=float(fitted.coef_[0, 0]), bias=float(fitted.intercept_[0]))
 
 

@@ -196,12 +196,14 @@ class FolderImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
         path = self.files[index]
-        if not is_image_file(path):
-            return index, None, f"{UNREADABLE}: not an image file (PNG, JPEG, TIFF, BMP or DICOM)"
         try:
+            if not is_image_file(path):
+                return index, None, f"{UNREADABLE}: not an image file (PNG, JPEG, TIFF, BMP or DICOM)"
             return index, image_tensor(path, self.transform, screen=True), OK
         except UnusableImage as exc:
             return index, None, f"{UNREADABLE}: {exc}"
+        except Exception as exc:  # e.g. a file without read permission: its row says why, the run goes on
+            return index, None, f"{UNREADABLE}: {type(exc).__name__}: {exc}"
 
 
 def collate_scored(items: list[tuple[int, torch.Tensor | None, str]]):

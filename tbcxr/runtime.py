@@ -28,7 +28,9 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigurationError("error: --device cuda was asked for but CUDA is not available; use --device cpu or auto")
+        raise ConfigurationError(
+            "error: --device cuda was asked for but CUDA is not available; use --device cpu or auto"
+        )
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigurationError("error: --device mps was asked for but MPS is not available; use --device cpu or auto")
     return torch.device(name)
@@ -71,8 +73,11 @@ def ieee_float32():
     else:
         settings = [(torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")]
         exact = False
+    # cuDNN's autotuner may pick another algorithm per batch shape: the same image could score differently.
+    settings.append((torch.backends.cudnn, "benchmark"))
     saved = [getattr(owner, name) for owner, name in settings]
-    for owner, name in settings:
+    torch.backends.cudnn.benchmark = False
+    for owner, name in settings[:2]:
         setattr(owner, name, exact)
     try:
         yield
@@ -121,7 +126,9 @@ def process_group_timeout() -> timedelta:
     except ValueError:
         minutes = float("nan")
     if not minutes > 0:
-        raise ConfigurationError(f"error: {TIMEOUT_VARIABLE}={text!r}: give the timeout as a positive number of minutes")
+        raise ConfigurationError(
+            f"error: {TIMEOUT_VARIABLE}={text!r}: give the timeout as a positive number of minutes"
+        )
     return timedelta(minutes=minutes)
 
 

@@ -151,7 +151,8 @@ def write_site_tables(rows: list[dict], prefix: Path, *, prevalence: float, chec
         f"{images - positives} {CLASS_NAMES[1 - POSITIVE_CLASS]}): sample prevalence {positives / images:.1%}; "
         f"PPV, NPV and referrals also at a screening prevalence of {at}. A case is positive when P(TB) >= "
         f"threshold. Intervals: 95% Wilson. WHO triage target: sensitivity >= {WHO_TRIAGE_SENSITIVITY:.2f} "
-        f"and specificity >= {WHO_TRIAGE_MIN_SPECIFICITY:.2f}.",
+        f"and specificity >= {WHO_TRIAGE_MIN_SPECIFICITY:.2f}. Rows whose source is a site point were chosen on "
+        "these very images: their figures are optimistic until confirmed on a second sample.",
         "",
         f"| threshold | source | TP | FN | TN | FP | sensitivity (95% CI) | specificity (95% CI) | PPV sample "
         f"| NPV sample | PPV at {at} | NPV at {at} | referrals per 1,000 at {at} | WHO triage |",
@@ -239,6 +240,10 @@ def fit_site_thresholds(
             f"{row['referrals_per_1000']:.0f} referrals per 1,000; WHO triage target "
             + ("met" if row["meets_who_triage"] else "not met")
         )
+    print(
+        "  (the site points are chosen on this very sample, so their sensitivity and specificity are optimistic: "
+        "confirm them on a second labelled sample before screening)"
+    )
     print(f"Site threshold table: {files[0]}, {files[1].name}, plot {files[2].name}")
     print(f"Refitted checkpoint: {new_path} (predicts at the site's Youden's J, t={points['youden']:.4f}; "
           f"{checkpoint_path} unchanged)")  # fmt: skip

@@ -167,6 +167,10 @@ def layered_config(given: dict) -> tuple[TrainConfig, str]:
         raise FlagError("--test-only needs --resume CKPT, the checkpoint to evaluate")
     if given.get("site_thresholds") and not given.get("test_only"):
         raise FlagError("--site-thresholds needs --test-only --resume CKPT --data-dir DIR: it scores a labelled sample")
+    if given.get("site_thresholds") and not given.get("data_dir"):
+        raise FlagError(
+            "--site-thresholds needs --data-dir DIR, the site's own labelled sample (never the split's test side)"
+        )
     if "prevalence" in given and not given.get("site_thresholds"):
         raise FlagError("--prevalence is used only by --site-thresholds")
     # Evaluation scores the split manifest's test side unless --data-dir is typed: no saved or environment folder.

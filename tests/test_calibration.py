@@ -70,6 +70,17 @@ def test_platt_scaling_stays_finite_and_keeps_the_ranking_on_separable_validatio
     assert len(np.unique(probs)) == 4
 
 
+def test_a_validation_set_ranked_the_wrong_way_round_never_reverses_the_scores():
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.zeros(40, int), np.ones(40, int)]
+    d = np.where(labels == 1, -1.5, 1.5) + rng.normal(0, 1, 80)  # TB scored lower: AUC well below 0.5
+    logits = np.stack([np.zeros(80), d], axis=1)
+    calibration = fit_calibration(logits, labels)
+    assert calibration.scale > 0
+    probs = tb_probability(torch.as_tensor(logits), calibration).numpy()
+    assert np.array_equal(np.argsort(probs, kind="stable"), np.argsort(d, kind="stable"))
+
+
 def test_identity_calibration_gives_exactly_the_softmax():
     logits = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)) * 8
     assert torch.equal(tb_probability(logits, Calibration()), logits.softmax(dim=1)[:, 1])

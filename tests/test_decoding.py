@@ -25,6 +25,8 @@ from tbcxr.data import list_images
 from tbcxr.data_quality import scan_images
 from tbcxr.decoding import DicomDecodeError, load_xray
 from tbcxr.demo import synthetic_xray
+from tbcxr.errors import ImageReadError
+from tbcxr.explain import ExplainedImages
 from tbcxr.model import build_model
 
 PATIENT_NAME, PATIENT_ID = "Zyxwvut^Quinella", "ZQX-4711-PID"
@@ -249,14 +251,14 @@ def test_bad_dicom_is_listed_unreadable_by_path_with_its_reason_never_patient_da
     with pytest.raises(DicomDecodeError) as error:
         load_xray(path)
     listed = scan_images([str(path)]).unreadable[str(path)]
-    with pytest.raises(SystemExit) as refused:  # GradCAM --images
-        gradcam.load_batch([(str(path), 0)], lambda image: image)
+    with pytest.raises(ImageReadError) as refused:  # GradCAM --images
+        ExplainedImages([(str(path), 0)], lambda image: image)[0]
 
     assert str(path) in str(error.value) and reason in str(error.value)
     assert listed == f"DicomDecodeError: {error.value}"
-    assert f"cannot read image {path}: " in str(refused.value.code) and reason in str(refused.value.code)
+    assert f"cannot read image {path}: " in str(refused.value) and reason in str(refused.value)
     console = capsys.readouterr()
-    assert_no_patient_data(str(error.value), listed, str(refused.value.code), console.out, console.err)
+    assert_no_patient_data(str(error.value), listed, str(refused.value), console.out, console.err)
 
 
 # --------------------------------------------------------------------------- finding the files

@@ -238,6 +238,7 @@ def test_a_too_small_site_sample_is_refused_before_anything_is_written(checkpoin
             "--prevalence is used only by --site-thresholds",
         ),
         (["--test-only", "--resume", "a.pth", "--site-thresholds", "--prevalence", "5"], "strictly between 0 and 1"),
+        (["--test-only", "--resume", "a.pth", "--site-thresholds"], "--site-thresholds needs --data-dir"),
     ],
 )
 def test_site_flags_are_refused_where_they_cannot_apply(flags, message, capsys):

@@ -137,4 +137,6 @@ image_size = checked(int, lambda v: v >= 32, "be at least 32 pixels (ResNet50 do
 def refuse_inside(output: str | Path, data_dir: str | Path, flag: str) -> None:
     """Outputs never go inside the data folder: a later scan would take them for data."""
     if data_dir and Path(output).resolve().is_relative_to(Path(data_dir).resolve()):
-        raise ConfigurationError(f"error: {flag} {output} lies inside the data folder {data_dir}; choose a folder outside it")
+        raise ConfigurationError(
+            f"error: {flag} {output} lies inside the data folder {data_dir}; choose a folder outside it"
+        )

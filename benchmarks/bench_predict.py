@@ -10,11 +10,13 @@
 (b) forward only: the bare network on the same batches, decoded beforehand (in this process, untimed):
     the ceiling (a) would reach if decoding cost nothing.
 The ratio (a)/(b) says how much of the forward pass's speed the data path keeps: decoding in the
-workers should overlap the forward pass. The model is a random-weight checkpoint written with
-tbcxr.checkpoint.Checkpoint (no download); the images are the demo's synthetic X-rays, generated once
-under --data-root (greyscale PNG of --source-size pixels, 5 Normal to 1 Tuberculosis). Peak memory is
-the resident set of this process and of the largest DataLoader worker (getrusage): prediction streams,
-so neither should grow with --images.
+workers should overlap the forward pass. The files are measured in --rounds consecutive parts, (a) and
+(b) taking turns to go first, so that a change in a shared machine's load falls on both alike; each
+round of (a) starts its own workers, as each prediction run does. The model is a random-weight
+checkpoint written with tbcxr.checkpoint.Checkpoint (no download); the images are the demo's synthetic
+X-rays, generated once under --data-root (greyscale PNG of --source-size pixels, 5 Normal to 1
+Tuberculosis). Peak memory is the resident set of this process and of the largest DataLoader worker
+(getrusage): prediction streams, so neither should grow with --images.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per batch (the GradCAM default)")
     parser.add_argument(
         "--workers", type=non_negative_int, default=2, help="DataLoader processes decoding images for prediction"
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=4, help="parts of the files measured in turn, (a) then (b), (b) then (a)"
     )
     parser.add_argument("--device", default="cpu", choices=["auto", "cuda", "cpu", "mps"], help="device to measure on")
     parser.add_argument(
@@ -95,9 +100,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_forward_only(predictor: Predictor, files: list[Path], batch_size: int) -> float:
-    """Images/s of the bare network on the prediction's batches: each batch is decoded in this process
-    first (untimed), one at a time, so that memory stays bounded and nothing runs beside the forward pass."""
+def time_forward_only(predictor: Predictor, files: list[Path], batch_size: int) -> tuple[int, float]:
+    """Images and seconds of the bare network on the prediction's batches: each batch is decoded in this
+    process first (untimed), one at a time, so that memory stays bounded and nothing runs beside the forward
+    pass."""
     batches = torch.utils.data.DataLoader(
         FolderImages(files, predictor.transform), batch_size=batch_size, num_workers=0, collate_fn=collate_scored
     )
@@ -112,17 +118,43 @@ def time_forward_only(predictor: Predictor, files: list[Path], batch_size: int) 
         synchronize(device)
         seconds += time.perf_counter() - started
         seen += len(images)
-    return seen / seconds
+    return seen, seconds
 
 
 def time_prediction(
     predictor: Predictor, files: list[Path], base: Path, csv_path: Path, batch_size: int, workers: int
-) -> tuple[float, int]:
-    """Images/s of predict_to_csv over every file, worker start-up included, and the rows scored ok."""
+) -> tuple[int, float]:
+    """Images scored ok (and written to the CSV) and seconds of predict_to_csv, worker start-up included."""
     started = time.perf_counter()
     rows = predict_to_csv(predictor, files, base, csv_path, batch_size, workers)
     seconds = time.perf_counter() - started
-    return len(rows) / seconds, sum(row.status == "ok" for row in rows)
+    written = sum(1 for _ in open(csv_path)) - 1
+    scored = sum(row.status == "ok" for row in rows)
+    if scored != len(files) or written != len(files):
+        raise SystemExit(f"error: {scored} of {len(files)} images scored, {written} CSV rows")
+    return scored, seconds
+
+
+def rounds_of(files: list[Path], rounds: int, batch_size: int) -> list[list[Path]]:
+    """Consecutive parts of whole batches, so that (a) and (b) see the same batches."""
+    batches = -(-len(files) // batch_size)
+    per_round = -(-batches // rounds) * batch_size
+    return [files[start : start + per_round] for start in range(0, len(files), per_round)]
+
+
+def measure(predictor: Predictor, files: list[Path], base: Path, scratch: Path, args) -> dict[str, float]:
+    """Images/s of (a) and (b) over every file, measured round by round, taking turns to go first."""
+    totals = {"prediction": [0, 0.0], "forward_only": [0, 0.0]}
+    for number, part in enumerate(rounds_of(files, args.rounds, args.batch_size)):
+        for name in sorted(totals, reverse=number % 2 == 1):
+            if name == "prediction":
+                csv_path = scratch / f"predictions_{number}.csv"
+                images, seconds = time_prediction(predictor, part, base, csv_path, args.batch_size, args.workers)
+            else:
+                images, seconds = time_forward_only(predictor, part, args.batch_size)
+            totals[name][0] += images
+            totals[name][1] += seconds
+    return {name: images / seconds for name, (images, seconds) in totals.items()}
 
 
 def peak_rss_mb() -> dict[str, float]:
@@ -142,18 +174,14 @@ def main(argv: list[str] | None = None) -> dict:
     files = [path for path in files if path.suffix == ".png"]
     print(
         f"Device {device}, {torch.get_num_threads()} threads; {len(files)} PNGs of {source_size}px -> "
-        f"{args.image_size}px, batch {args.batch_size}, {args.workers} workers"
+        f"{args.image_size}px, batch {args.batch_size}, {args.workers} workers, {args.rounds} rounds"
     )
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = random_checkpoint(Path(scratch) / "random.pth", args.image_size)
         predictor = Predictor.from_checkpoint(checkpoint, device)
         warm_up(predictor, args.batch_size, args.image_size)
-        forward_only = time_forward_only(predictor, files, args.batch_size)
-        csv_path = Path(scratch) / "predictions.csv"
-        prediction, scored_ok = time_prediction(predictor, files, base, csv_path, args.batch_size, args.workers)
-        csv_rows = sum(1 for _ in open(csv_path)) - 1
-    if scored_ok != len(files) or csv_rows != len(files):
-        raise SystemExit(f"error: {scored_ok} of {len(files)} images scored, {csv_rows} CSV rows")
+        rates = measure(predictor, files, base, Path(scratch), args)
+    prediction, forward_only = rates["prediction"], rates["forward_only"]
 
     results = {
         "config": vars(args) | {"source_size": source_size},

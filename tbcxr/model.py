@@ -36,9 +36,7 @@ def load_backbone_state(weights: str) -> dict | None:
         except (OSError, urllib.error.URLError, RuntimeError) as exc:
             raise weights_unavailable(str(exc)) from exc
         except pickle.UnpicklingError as exc:
-            raise weights_unavailable(
-                f"the cached file is not a safe state dict ({exc.__class__.__name__})"
-            ) from exc
+            raise weights_unavailable(f"the cached file is not a safe state dict ({exc.__class__.__name__})") from exc
     path = Path(weights)
     if not path.is_file():
         raise weights_unavailable(f"--weights file {path} does not exist")

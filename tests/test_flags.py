@@ -89,8 +89,8 @@ def test_backbone_lr_mult_sets_the_backbone_rate_against_the_classifier_rate(sel
 
 def test_balance_none_trains_on_the_training_side_as_it_is(selection_run):
     last = selection_run["last"]
-    train_labels = [label for _, label in json.loads((selection_run["root"] / "ckpt" / "split_manifest.json")
-                                                     .read_text())["train"]]  # fmt: skip
+    manifest = json.loads((selection_run["root"] / "ckpt" / "split_manifest.json").read_text())
+    train_labels = [label for _, label in manifest["train"]]
     batches = len(train_labels) // 8  # batch size 8, last partial batch dropped
     oversampled = 2 * max(train_labels.count(0), train_labels.count(1)) // 8
     assert batches != oversampled  # the premise: oversampling would take more steps

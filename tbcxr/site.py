@@ -19,7 +19,7 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .config import CLASS_NAMES, POSITIVE_CLASS
 from .errors import DataError
-from .metrics import THRESHOLD_NAMES, WHO_TRIAGE_MIN_SPECIFICITY, WHO_TRIAGE_SENSITIVITY, select_thresholds
+from .metrics import THRESHOLD_NAMES, WHO_TRIAGE_MIN_SPECIFICITY, WHO_TRIAGE_SENSITIVITY, Calibration, select_thresholds
 
 MINIMUM_PER_CLASS = 20  # below this, a 95% interval on sensitivity spans more than about 0.35
 GRID = np.round(np.arange(1, 20) * 0.05, 2)  # 0.05, 0.10, ..., 0.95
@@ -40,6 +40,7 @@ COLUMNS = (
     "specificity_ci_high",
     "ppv_sample",
     "npv_sample",
+    "prevalence",
     "ppv_at_prevalence",
     "npv_at_prevalence",
     "referrals_per_1000",
@@ -110,6 +111,7 @@ def threshold_row(labels: np.ndarray, probs: np.ndarray, threshold: float, preva
         **dict(zip(("specificity_ci_low", "specificity_ci_high"), wilson_interval(tn, tn + fp))),
         "ppv_sample": ppv_sample,
         "npv_sample": npv_sample,
+        "prevalence": prevalence,  # the screening prevalence the next three columns are at
         "ppv_at_prevalence": ppv,
         "npv_at_prevalence": npv,
         "referrals_per_1000": 1000 * (sensitivity * prevalence + (1 - specificity) * (1 - prevalence)),
@@ -226,10 +228,15 @@ def fit_site_thresholds(
     counts = {name: int((labels == i).sum()) for i, name in enumerate(CLASS_NAMES)}
     new_path = refit_checkpoint(checkpoint, checkpoint_path, points, sample | {"images": len(labels)} | counts)
     positives = counts[CLASS_NAMES[POSITIVE_CLASS]]
+    calibration = checkpoint.state.calibration
+    read_as = (
+        "the network's softmax (no calibration stored)"
+        if calibration == Calibration()
+        else f"calibrated with scale {calibration.scale:.3f}, bias {calibration.bias:+.3f}"
+    )
     print(
         f"Site thresholds fitted on {len(labels)} images ({', '.join(f'{n} {name}' for name, n in counts.items())};"
-        f" sample prevalence {positives / len(labels):.1%}), P(TB) calibrated with scale "
-        f"{checkpoint.state.calibration.scale:.3f}, bias {checkpoint.state.calibration.bias:+.3f}:"
+        f" sample prevalence {positives / len(labels):.1%}), P(TB) {read_as}:"
     )
     for name, row in refitted.items():
         print(

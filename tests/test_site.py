@@ -25,7 +25,7 @@ from tbcxr.config import MANIFEST_NAME
 from tbcxr.errors import DataError
 from tbcxr.evaluation import predict_checkpoint
 from tbcxr.figures import site_threshold_figure
-from tbcxr.metrics import select_thresholds
+from tbcxr.metrics import Calibration, select_thresholds
 
 # 20 TB and 20 Normal images with four distinct scores, so every count below is worked out by hand.
 HAND_LABELS = np.repeat([1, 0], 20)
@@ -47,6 +47,7 @@ def test_a_threshold_row_holds_the_hand_computed_counts_rates_and_predictive_val
     assert row["ppv_at_prevalence"] == pytest.approx(0.0425 / 0.2325)
     assert row["npv_at_prevalence"] == pytest.approx(0.76 / 0.7675)
     assert row["referrals_per_1000"] == pytest.approx(232.5)  # 1000 * (0.0425 + 0.19)
+    assert row["prevalence"] == 0.05  # the CSV names the prevalence its PPV, NPV and referrals are at
     assert row["source"] == "grid, checkpoint default"
     at_one_percent = hand_table(prevalence=0.01)[0.5]  # the user's prevalence moves PPV, not the sample's
     assert at_one_percent["ppv_at_prevalence"] == pytest.approx(0.0085 / (0.0085 + 0.198))
@@ -184,6 +185,10 @@ def test_site_thresholds_write_the_table_plot_and_a_refitted_checkpoint_leaving_
     assert report["class_counts"] == {"Normal": 26, "Tuberculosis": 24}  # nothing left out: all scored
     out = capsys.readouterr().out
     assert "Site thresholds fitted on 50 images (26 Normal, 24 Tuberculosis; sample prevalence 48.0%)" in out
+    calibration = original.state.calibration  # Platt's fit, or the identity where validation ranked it backwards
+    said = "the network's softmax (no calibration stored)" if calibration == Calibration() else (
+        f"calibrated with scale {calibration.scale:.3f}, bias {calibration.bias:+.3f}")  # fmt: skip
+    assert f"sample prevalence 48.0%), P(TB) {said}:" in out
     new_path = checkpoint_copy.with_name(f"{checkpoint_copy.stem}_site_hospital_c.pth")
     assert f"Refitted checkpoint: {new_path}" in out and f"{checkpoint_copy} unchanged" in out
     assert sha256(checkpoint_copy) == original_sha
@@ -192,6 +197,7 @@ def test_site_thresholds_write_the_table_plot_and_a_refitted_checkpoint_leaving_
     with open(f"{prefix}.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert all(int(r["tp"]) + int(r["fn"]) == 24 and int(r["tn"]) + int(r["fp"]) == 26 for r in rows)
+    assert {r["prevalence"] for r in rows} == {"0.02"}
     assert "screening prevalence of 2.0%" in Path(f"{prefix}.md").read_text()
     assert_both_curves_and_bands(Path(f"{prefix}.png"))
 

@@ -19,6 +19,7 @@ from .config import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, Profile, profile_f
 from .errors import CheckpointError
 from .metrics import Calibration
 from .model import build_model, count_trainable
+from .runtime import ctrl_c_held
 
 # 2: P(TB)'s calibration is a scale and a bias (`calibration`); 1 stored a softmax temperature T (scale 1/T, no bias).
 CHECKPOINT_FORMAT = 2
@@ -174,7 +175,8 @@ class Checkpoint:
         return saved
 
     def save(self, path: Path) -> None:
-        atomic_write(path, lambda f: torch.save(self.to_dict(), f))
+        with ctrl_c_held():  # seconds at most; cut, torch.save would raise a RuntimeError, not the interrupt
+            atomic_write(path, lambda f: torch.save(self.to_dict(), f))
 
     def with_operating_points(self, thresholds: dict[str, float], site: dict) -> Checkpoint:
         """The same weights, preprocessing and calibration with operating points refitted on a site's sample,

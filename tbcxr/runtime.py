@@ -2,13 +2,15 @@
 
 Device choice, the autocast dtype, exact float32 for evaluation, seeding, peak memory; and the
 torchrun side: the process group and its timeout, a rank's shard of a list, gathering shards back
-in order, and barriers.
+in order, and barriers; holding Ctrl-C over writes that must not be cut.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -224,3 +226,21 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def ctrl_c_held():
+    """Hold Ctrl-C until the block has run, then raise it. Writes that must not be cut run inside: a
+    KeyboardInterrupt inside a sqlite write leaves the database locked (the run could not then be marked
+    KILLED), and one inside torch.save reaches the caller as a RuntimeError from its C++ writer."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pressed:
+            raise KeyboardInterrupt

@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sys
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigurationError
+from .runtime import ctrl_c_held
 
 
 def server_answers(uri: str, timeout: float = 1.0) -> bool:
@@ -48,23 +47,6 @@ def sqlite_file(uri: str) -> Path | None:
 
     database = make_url(uri).database
     return Path(database) if database and database != ":memory:" else None
-
-
-@contextmanager
-def ctrl_c_held():
-    """Hold Ctrl-C until the block has run, then raise it: a KeyboardInterrupt inside a sqlite write leaves
-    the database locked, and the interrupted run could not then be marked KILLED. A write takes milliseconds."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
-        yield
-        return
-    pressed = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if pressed:
-            raise KeyboardInterrupt
 
 
 def store_reachable(uri: str) -> bool:

@@ -149,14 +149,19 @@ def _load_scan(record: Path, paths: list[str], pixels: dict[int, Path]) -> Image
 def near_pairs(held_out: np.ndarray, kept: np.ndarray, max_distance: int) -> tuple[np.ndarray, ...]:
     """(held-out row, kept row, distance) of every pair of hashes (hash_words) within max_distance bits.
 
-    The first 64 bits alone differ by more than max_distance in nearly every pair of distinct
-    images, so the other 192 are compared only where they do not."""
-    rows, columns = np.nonzero(np.bitwise_count(held_out[0][:, None] ^ kept[0][None, :]) <= max_distance)
-    distances = np.zeros(len(rows), dtype=np.int64)
-    for word in range(len(held_out)):
-        distances += np.bitwise_count(held_out[word][rows] ^ kept[word][columns])
-    close = distances <= max_distance
-    return rows[close], columns[close], distances[close]
+    LEAK_CHUNK held-out rows at a time, so memory stays LEAK_CHUNK x N_kept at any size. The first 64
+    bits alone differ by more than max_distance in nearly every pair of distinct images, so the other
+    192 are compared only where they do not."""
+    found = [(np.zeros(0, dtype=np.int64),) * 3]  # the result when there are no held-out rows
+    for start in range(0, held_out.shape[1], LEAK_CHUNK):
+        chunk = held_out[:, start : start + LEAK_CHUNK]
+        rows, columns = np.nonzero(np.bitwise_count(chunk[0][:, None] ^ kept[0][None, :]) <= max_distance)
+        distances = np.zeros(len(rows), dtype=np.int64)
+        for word in range(len(chunk)):
+            distances += np.bitwise_count(chunk[word][rows] ^ kept[word][columns])
+        close = distances <= max_distance
+        found.append((rows[close] + start, columns[close], distances[close]))
+    return tuple(np.concatenate(part) for part in zip(*found))
 
 
 def find_leaks(manifest: dict, scan: ImageScan, max_distance: int = NEAR_DUPLICATE_BITS) -> list[dict]:

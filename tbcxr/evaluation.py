@@ -163,7 +163,10 @@ def run_test_only(
     checkpoint_path = Path(checkpoint_path)
     checkpoint = Checkpoint.load(checkpoint_path)
     data = discover_dataset(data_dir) if data_dir else None  # None: the split manifest's test side
-    samples, source = held_out_samples(checkpoint_path, data, scoring.num_workers or 2, checkpoint=checkpoint)
+    # A site's thresholds are never chosen on the split's test images: those stay for testing the refitted model.
+    samples, source = held_out_samples(
+        checkpoint_path, data, scoring.num_workers or 2, checkpoint=checkpoint, keep_test=site_prevalence is None
+    )
     if site_prevalence is not None:
         refuse_small_sample([label for _, label in samples])  # before the slow part: scoring every image
     name = Path(data_dir).resolve().name if data_dir else "split_test"  # not "test": a folder may be named so

@@ -115,13 +115,15 @@ def youden_threshold(fpr: np.ndarray, tpr: np.ndarray, thresholds: np.ndarray) -
     first = last = int(np.argmax(youden))
     while last + 1 < len(youden) and np.isclose(youden[last + 1], youden[first]):
         last += 1
-    lower = thresholds[last + 1] if last + 1 < len(thresholds) else 0.0
-    if thresholds[first] <= lower:
-        # The "nobody is TB" end (its +inf clipped to 1.0) above scores of exactly 1.0: the middle would be 1.0,
-        # and p >= 1.0 calls every saturated score TB. The next float32 above them (probabilities are float32,
-        # and a float64 step would round back to 1.0 in a float32 comparison) keeps J's point.
-        return float(np.nextafter(np.float32(lower), np.float32(np.inf)))
-    return float((thresholds[first] + lower) / 2)
+    lower = np.float32(thresholds[last + 1] if last + 1 < len(thresholds) else 0.0)
+    # Probabilities are float32 and are compared as such (torch, numpy 2) or upcast (the CSV): a float32
+    # threshold decides alike in both. The middle can round down onto `lower` when the stretch is one float32
+    # step wide, or be `lower` itself at the "nobody is TB" end (+inf clipped to 1.0) above scores of exactly
+    # 1.0; p >= it would then call those scores TB. The next float32 above `lower` keeps J's point.
+    middle = np.float32((np.float64(thresholds[first]) + np.float64(lower)) / 2)
+    if middle <= lower:
+        middle = np.nextafter(lower, np.float32(np.inf))
+    return float(middle)
 
 
 @dataclass(frozen=True)

@@ -182,7 +182,7 @@ def find_files(inputs: list[str | Path]) -> tuple[list[Path], Path]:
         else:
             raise DataError(f"error: cannot read image {item}: no such file or folder")
     folders = [p if p.is_dir() else p.parent for p in map(Path, inputs)]
-    return files, Path(os.path.commonpath([str(p.resolve()) for p in folders])) if folders else Path()
+    return files, Path(os.path.commonpath([os.path.abspath(p) for p in folders])) if folders else Path()
 
 
 class FolderImages(torch.utils.data.Dataset):
@@ -202,8 +202,8 @@ class FolderImages(torch.utils.data.Dataset):
             return index, image_tensor(path, self.transform, screen=True), OK
         except UnusableImage as exc:
             return index, None, f"{UNREADABLE}: {exc}"
-        except Exception as exc:  # e.g. a file without read permission: its row says why, the run goes on
-            return index, None, f"{UNREADABLE}: {type(exc).__name__}: {exc}"
+        except OSError as exc:  # is_image_file opens a file without extension (DICOM?): e.g. no read permission
+            return index, None, f"{UNREADABLE}: {reason_of(exc, path)}"
 
 
 def collate_scored(items: list[tuple[int, torch.Tensor | None, str]]):
@@ -252,7 +252,7 @@ class PredictionWriter:
         for row in batch:
             ok = row.status == OK
             decision = CLASS_NAMES[int(p.decisions(row.p_tb))] if ok else ""
-            relative = os.path.relpath(row.path.resolve(), self.base)
+            relative = os.path.relpath(os.path.abspath(row.path), self.base)  # symlinks kept, as listed
             p_tb = f"{row.p_tb:.6f}" if ok else ""
             self._writer.writerow(
                 [relative, row.status, p_tb, decision, f"{p.threshold:.6f}", p.operating_point, p.digest]

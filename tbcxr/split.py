@@ -80,17 +80,18 @@ def recorded_sides(manifest: dict) -> dict[str, str]:
     return sides
 
 
-def leave_out_known(samples, manifest: dict, workers: int) -> tuple[list, dict[str, int]]:
+def leave_out_known(samples, manifest: dict, workers: int, keep_test: bool = True) -> tuple[list, dict[str, int]]:
     """The samples that are neither exact nor near (perceptual hash within NEAR_DUPLICATE_BITS) copies of the
-    checkpoint's training, validation or split-removed images, and the count left out per reason."""
+    checkpoint's training, validation or split-removed images (and, unless `keep_test`, its test images),
+    and the count left out per reason."""
     scan = scan_images([path for path, _ in samples], workers=workers)
     sides = recorded_sides(manifest)
-    known = [rel for rel, side in sides.items() if side != "test"]
+    known = [rel for rel, side in sides.items() if side != "test" or not keep_test]
     exact = {manifest["content_sha1"][rel]: sides[rel] for rel in known}
     reasons = {path: "unreadable" for path in scan.unreadable}
     reasons |= {path: f"copies of its {exact[sha1]} images" for path, sha1 in scan.pixel_hash.items() if sha1 in exact}
     # The manifest's own test images stay, near copies and all: that was the split's (--dedup) decision.
-    own_test = {manifest["content_sha1"][rel] for rel, side in sides.items() if side == "test"}
+    own_test = {manifest["content_sha1"][rel] for rel, side in sides.items() if side == "test" and keep_test}
     readable = [path for path, _ in samples if path not in reasons and scan.pixel_hash[path] not in own_test]
     if readable and known:
         known_words = as_hash_words(bytes.fromhex("".join(manifest["content_phash"][rel] for rel in known)))
@@ -128,7 +129,12 @@ def manifest_beside(checkpoint_path: Path, checkpoint: Checkpoint | None = None,
 
 
 def held_out_samples(
-    checkpoint_path: Path, data: DataSplit | None = None, workers: int = 2, *, checkpoint: Checkpoint | None = None
+    checkpoint_path: Path,
+    data: DataSplit | None = None,
+    workers: int = 2,
+    *,
+    checkpoint: Checkpoint | None = None,
+    keep_test: bool = True,
 ) -> tuple[list, str]:
     """The labelled images to test a checkpoint on, and where they come from.
 
@@ -137,7 +143,9 @@ def held_out_samples(
     folder the checkpoint was trained on, or another hospital's), minus every exact or near copy of an
     image the manifest records as training, validation or split-removed content. Content, not paths: a
     moved or copied folder is still recognised. The console says how many images were left out and why.
-    Pass the loaded checkpoint when you hold it: it is read from disk otherwise."""
+    Pass the loaded checkpoint when you hold it: it is read from disk otherwise. Without `keep_test` (a
+    site's sample for its thresholds), the split's test images are left out too: they stay untouched for
+    testing the refitted checkpoint."""
     manifest_path = Path(checkpoint_path).parent / MANIFEST_NAME
     manifest = manifest_beside(checkpoint_path, checkpoint)
     if data is None:
@@ -157,7 +165,7 @@ def held_out_samples(
         print(f"WARNING: no {MANIFEST_NAME} beside {checkpoint_path}: {source} cannot be checked against the "
               "checkpoint's training images; all of it is scored", file=sys.stderr)  # fmt: skip
         return candidates, source + " (not checked against training images: no split manifest)"
-    samples, left_out = leave_out_known(candidates, manifest, workers)
+    samples, left_out = leave_out_known(candidates, manifest, workers, keep_test)
     if left_out:
         reasons = ", ".join(f"{count} {reason}" for reason, count in left_out.items())
         print(f"Left out {sum(left_out.values())} of {len(candidates)} images of {source}: {reasons}")
@@ -166,8 +174,9 @@ def held_out_samples(
         source += " (external test set: no exact or near copy of the checkpoint's training or validation images)"
     if not samples:
         raise DataError(
-            f"error: every image of {source} is one the checkpoint trained or validated on, or "
-            "cannot be read: nothing is left to test on"
+            f"error: every image of {source} is one the checkpoint trained or validated on"
+            + ("" if keep_test else ", or of its test side")
+            + ", or cannot be read: nothing is left to test on"
         )
     return samples, source
 

@@ -165,6 +165,16 @@ class RunLogger:
     def logged_steps(self, key: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
 
+    def model_registered(self) -> bool:
+        """Whether a model version was registered from this run (False, offline, when the store does not answer)."""
+        if self.offline:
+            return False
+        try:
+            return bool(self.client.search_model_versions(f"run_id = '{self.run_id}'"))
+        except self.store_errors() as exc:
+            self.go_offline(exc, f"records are kept in {self.pending_path}")
+            return False
+
     def set_status(self, status: str) -> None:
         if not self.offline:
             try:
@@ -271,6 +281,17 @@ SERVING_DISTRIBUTIONS = ("torch", "torchvision", "numpy", "pillow", "pydicom", "
                          "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-libjpeg")  # fmt: skip
 
 
+def installed_pin(distribution: str) -> str:
+    """ "name==version" of an installed distribution; "" when it is not installed under that name (conda's
+    opencv, say): serving with --env-manager local then uses what this environment has."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{distribution}=={version(distribution).split('+')[0]}"
+    except PackageNotFoundError:
+        return ""
+
+
 def register_servable_model(logger: RunLogger, checkpoint_path: Path, registered_model: str) -> str:
     """Log the checkpoint as a servable pyfunc (tbcxr/serving.py: images in, decisions out) to the run and
     register it as a new version of `registered_model`. Returns the console line saying how to serve it;
@@ -281,13 +302,11 @@ def register_servable_model(logger: RunLogger, checkpoint_path: Path, registered
     if logger.offline:
         print(f"WARNING: MLflow store {logger.tracking_uri} is not reachable; {skipped}", file=sys.stderr)
         return ""
-    from importlib.metadata import version
-
     import mlflow
 
     from . import serving
 
-    requirements = [f"{name}=={version(name).split('+')[0]}" for name in SERVING_DISTRIBUTIONS]
+    requirements = [pin for name in SERVING_DISTRIBUTIONS if (pin := installed_pin(name))]
     try:
         with active_run(logger), warnings.catch_warnings():
             # An example would be an image file in every version; the signature says what a request holds.

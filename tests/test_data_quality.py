@@ -98,6 +98,25 @@ def test_chunked_leak_check_equals_all_pairs(max_distance):
         assert len(expected) > 1000  # random pairs too: the order of the list is checked as well
 
 
+def test_near_pairs_of_a_large_external_folder_are_found_chunk_by_chunk(monkeypatch):
+    """An external folder (--test-only --data-dir, --site-thresholds, GradCAM) is compared with every known
+    image: in one go that needed 8 bytes x N_folder x N_known (16 GB at 50,000 x 40,000)."""
+    manifest, scan, bits, _ = generated_hashes(threshold=10)
+    folder = [f"/data/{rel}" for rel, _ in manifest["val"] + manifest["test"]]  # 200 rows: four chunks
+    known = [f"/data/{rel}" for rel, _ in manifest["train"]]
+    compared = []
+    bitwise_count = np.bitwise_count
+    monkeypatch.setattr(np, "bitwise_count", lambda words: compared.append(words.size) or bitwise_count(words))
+    rows, columns, distances = data_quality.near_pairs(scan.hash_words(folder), scan.hash_words(known), 10)
+    monkeypatch.undo()
+    assert max(compared) <= LEAK_CHUNK * len(known)
+    brute = (np.stack([bits[p[6:]] for p in folder])[:, None] != np.stack([bits[p[6:]] for p in known])[None]).sum(2)
+    expected = np.nonzero(brute <= 10)
+    assert (rows.tolist(), columns.tolist()) == (expected[0].tolist(), expected[1].tolist())
+    assert distances.tolist() == brute[expected].tolist()
+    assert f"/data/val/img_{LEAK_CHUNK:03d}.png" in [folder[i] for i in rows]  # found past the first chunk
+
+
 @pytest.mark.parametrize("name", ["tb-cxr-mini", "tb-shenzhen-290"])
 def test_leak_check_on_real_x_rays_equals_all_pairs(name):
     data = discover_dataset(shared_data(name))

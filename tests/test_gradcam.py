@@ -144,6 +144,16 @@ def test_batched_maps_equal_one_at_a_time(tmp_path):
     assert not any(module._forward_hooks for module in model.modules())  # the context manager cleaned up
 
 
+def test_each_map_explains_the_class_it_was_asked_for(tmp_path):
+    model = Checkpoint.load(save_tiny_checkpoint(tmp_path / "c.pth")).model().eval()
+    torch.manual_seed(2)
+    image = torch.randn(1, 3, 64, 64)
+    normal, tuberculosis = (cams.compute_cams(model, model.layer4, image, [c], "gradcam")[0] for c in (0, 1))
+    assert not np.allclose(normal, tuberculosis, atol=1e-3)  # --target normal and tuberculosis differ
+    both = cams.compute_cams(model, model.layer4, image.repeat(2, 1, 1, 1), [1, 0], "gradcam")
+    np.testing.assert_allclose(both, np.stack([tuberculosis, normal]), atol=1e-5)  # each image its own target
+
+
 def explanation(prob_tb: float, threshold: float, predicted: int, true_label: int = 0) -> cams.Explanation:
     rng = np.random.default_rng(0)
     return cams.Explanation(

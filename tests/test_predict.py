@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, exits_with, write_xrays
+from conftest import SHARED_DATA, exits_with, logits_by_hand, write_xrays
 from PIL import Image
 from torchvision import models
 
@@ -99,6 +99,12 @@ def test_every_file_gets_a_row_with_its_status_and_p_tb_equals_test_only(trained
     for path, status in JUNK.items():
         assert rows[path]["status"].startswith(status), rows[path]
         assert rows[path]["p_tb"] == rows[path]["decision"] == ""
+    # P(TB) as torchvision alone computes it from the file and the stored calibration: no shared code.
+    pictures = sorted(path for path in images if path.endswith((".png", ".jpg")))
+    logits = logits_by_hand(best, [new_site / path for path in pictures])
+    scale, bias = checkpoint.state.calibration.scale, checkpoint.state.calibration.bias
+    by_hand = torch.sigmoid(scale * (logits[:, 1] - logits[:, 0]) + bias)
+    assert [float(rows[path]["p_tb"]) for path in pictures] == pytest.approx(by_hand.tolist(), abs=2e-6)
     digest = hashlib.sha256(best.read_bytes()).hexdigest()[:12]
     assert {(r["threshold"], r["operating_point"], r["checkpoint"]) for r in rows.values()} == {
         (f"{checkpoint.operating_threshold:.6f}", checkpoint.recommended_operating_point, digest)
@@ -121,6 +127,15 @@ def test_every_file_gets_a_row_with_its_status_and_p_tb_equals_test_only(trained
         assert row["true_label"] == relative.split("/")[0]
         for name, threshold in checkpoint.state.thresholds.items():
             assert row[f"decision_{name}"] == ("Tuberculosis" if float(row["p_tb"]) >= threshold else "Normal")
+
+
+def test_a_linked_image_is_listed_under_its_name_in_the_folder(trained_run, new_site, tmp_path):
+    # Folders assembled from links into an archive are common; the row names the file as the folder lists it.
+    folder = tmp_path / "linked"
+    folder.mkdir()
+    (folder / "patient_1.png").symlink_to(new_site / "Normal" / "img_000.png")
+    rows = predict(trained_run["best"], folder, tmp_path / "linked.csv")
+    assert list(rows) == ["patient_1.png"] and rows["patient_1.png"]["status"] == "ok"
 
 
 def test_operating_point_sets_the_threshold_and_unknown_names_are_listed(trained_run, new_site, tmp_path, capsys):

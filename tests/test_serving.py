@@ -143,6 +143,20 @@ def test_unreachable_store_skips_registration_with_one_warning(registered_run, t
     assert [int(version.version) for version in versions] == [1]
 
 
+def test_resuming_the_finished_run_registers_no_second_version(registered_run, monkeypatch, capsys):
+    monkeypatch.setattr(resnet50_tb_full, "register_servable_model", tracking.register_servable_model)
+    resnet50_tb_full.main(["--resume", str(registered_run["root"] / "ckpt" / "last.pth")])
+    assert "That run had already finished; nothing left to train." in capsys.readouterr().out
+    versions = MlflowClient(registered_run["uri"]).search_model_versions(f"name='{REGISTERED}'")
+    assert [int(version.version) for version in versions] == [1]
+
+
+def test_requirements_pin_what_is_installed_and_leave_out_what_is_not():
+    # A distribution installed under another name (conda's opencv) once crashed the end of a finished run.
+    assert tracking.installed_pin("numpy") == f"numpy=={np.__version__}"
+    assert tracking.installed_pin("opencv-python-from-elsewhere") == ""
+
+
 def post(port: int, images: list[str] | None = None, body: dict | None = None) -> requests.Response:
     session = requests.Session()
     session.trust_env = False  # loopback: never through a proxy

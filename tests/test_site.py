@@ -60,15 +60,16 @@ def test_candidates_are_the_grid_the_refitted_and_the_stored_points_sorted_once_
     assert thresholds == sorted(set(thresholds))
     grid = [round(0.05 * k, 2) for k in range(1, 20)]
     assert set(grid) <= set(thresholds)
-    # Youden's J is maximal (0.85) on (0.55, 0.8]: its middle 0.675. The highest threshold reaching
-    # sensitivity 0.90 is the lowest TB score, 0.35, also a grid point.
-    assert table[0.675]["source"] == "site youden"
+    # Youden's J is maximal (0.85) on (0.55, 0.8]: its middle 0.675, as the float32 that scores are compared
+    # with. The highest threshold reaching sensitivity 0.90 is the lowest TB score, 0.35, also a grid point.
+    youden = float(np.float32(0.675))
+    assert table[youden]["source"] == "site youden"
     assert table[0.35]["source"] == "grid, site who_triage"
     assert table[0.42]["source"] == "checkpoint youden"
     assert table[0.2]["source"] == "grid, checkpoint who_triage"
-    assert set(thresholds) == set(grid) | {0.675, 0.42}
+    assert set(thresholds) == set(grid) | {youden, 0.42}
     refitted = site.refitted_rows(list(table.values()))
-    assert {name: row["threshold"] for name, row in refitted.items()} == {"youden": 0.675, "who_triage": 0.35}
+    assert {name: row["threshold"] for name, row in refitted.items()} == {"youden": youden, "who_triage": 0.35}
 
 
 def wilson_by_formula(successes: int, trials: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -133,7 +134,9 @@ def test_tables_and_plot_say_what_they_show(tmp_path):
     assert "| 0.675 | site Youden's J |" in markdown
 
     assert_both_curves_and_bands(
-        site_threshold_figure(rows, {"youden": 0.675, "who_triage": 0.35}, tmp_path / "site.png", "hand")
+        site_threshold_figure(
+            rows, {"youden": float(np.float32(0.675)), "who_triage": 0.35}, tmp_path / "site.png", "hand"
+        )
     )
 
 
@@ -224,6 +227,22 @@ def test_site_thresholds_write_the_table_plot_and_a_refitted_checkpoint_leaving_
     )
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {f"{prefix.name}.csv", f"{prefix.name}.md", f"{prefix.name}.png"} <= logged
+
+
+def test_the_splits_test_images_are_never_part_of_a_sites_sample(checkpoint_copy, trained_run, tmp_path, capsys):
+    # Thresholds chosen on the split's test images would make a later --test-only of the refitted checkpoint
+    # score the very images its thresholds were fitted on.
+    sample = tmp_path / "hospital_e"
+    labelled_sample(sample, normal=21, tuberculosis=20)
+    split_test = sorted((trained_run["data"] / "test").rglob("*.png"))
+    for path in split_test:
+        shutil.copy(path, sample / path.parent.name / f"split_{path.name}")
+    report = trainer.main(
+        ["--test-only", "--resume", str(checkpoint_copy), "--data-dir", str(sample), "--site-thresholds",
+         "--bootstrap-resamples", "20", "--num-workers", "0", "--tracking-uri", trained_run["uri"]]
+    )  # fmt: skip
+    assert report["class_counts"] == {"Normal": 21, "Tuberculosis": 20}
+    assert f"Left out {len(split_test)} of {41 + len(split_test)} images" in capsys.readouterr().out
 
 
 def test_a_too_small_site_sample_is_refused_before_anything_is_written(checkpoint_copy, tmp_path, capsys):

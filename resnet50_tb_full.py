@@ -247,9 +247,10 @@ def restore_or_start(run: Run, resumed: Checkpoint | None) -> bool:
         if finished:
             print("That run had already finished; nothing left to train.")
             # Its model is logged and registered here only if the store did not answer when it finished.
-            if not run.logger.model_registered() and not run.logger.offline:
-                if servable := log_best_model(run, Checkpoint.load(run.best_path).model()):
-                    print(servable)
+            if run.logger.model_registered():
+                run.logger.set_status("FINISHED")  # continue_run set it RUNNING
+            elif not run.logger.offline and (servable := log_best_model(run, Checkpoint.load(run.best_path).model())):
+                print(servable)
     return not finished
 
 

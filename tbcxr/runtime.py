@@ -236,8 +236,12 @@ def ctrl_c_held():
     if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
         yield
         return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:  # ignored (nohup), held already, or someone else's handler
+        yield
+        return
     pressed = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
     try:
         yield
     finally:

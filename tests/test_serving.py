@@ -145,10 +145,15 @@ def test_unreachable_store_skips_registration_with_one_warning(registered_run, t
 
 def test_resuming_the_finished_run_registers_no_second_version(registered_run, monkeypatch, capsys):
     monkeypatch.setattr(resnet50_tb_full, "register_servable_model", tracking.register_servable_model)
-    resnet50_tb_full.main(["--resume", str(registered_run["root"] / "ckpt" / "last.pth")])
-    assert "That run had already finished; nothing left to train." in capsys.readouterr().out
-    versions = MlflowClient(registered_run["uri"]).search_model_versions(f"name='{REGISTERED}'")
+    last = registered_run["root"] / "ckpt" / "last.pth"
+    resnet50_tb_full.main(["--resume", str(last)])
+    console = capsys.readouterr()
+    assert "That run had already finished; nothing left to train." in console.out
+    assert "stopped answering" not in console.err  # the store was asked, not given up on
+    client = MlflowClient(registered_run["uri"])
+    versions = client.search_model_versions(f"name='{REGISTERED}'")
     assert [int(version.version) for version in versions] == [1]
+    assert client.get_run(Checkpoint.load(last).mlflow_run_id).info.status == "FINISHED"
 
 
 def test_requirements_pin_what_is_installed_and_leave_out_what_is_not():

@@ -233,11 +233,9 @@ def ctrl_c_held():
     """Hold Ctrl-C until the block has run, then raise it. Writes that must not be cut run inside: a
     KeyboardInterrupt inside a sqlite write leaves the database locked (the run could not then be marked
     KILLED), and one inside torch.save reaches the caller as a RuntimeError from its C++ writer."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
-        yield
-        return
     previous = signal.getsignal(signal.SIGINT)
-    if previous is not signal.default_int_handler:  # ignored (nohup), held already, or someone else's handler
+    # Handlers are set on the main thread only; and an ignored (nohup), held or foreign handler stays as it is.
+    if threading.current_thread() is not threading.main_thread() or previous is not signal.default_int_handler:
         yield
         return
     pressed = []

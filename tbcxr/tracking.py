@@ -19,7 +19,6 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from .errors import ConfigurationError
@@ -260,7 +259,7 @@ def log_model(logger: RunLogger, model: nn.Module, image_size: int) -> None:
     import mlflow
 
     example = np.zeros((2, 3, image_size, image_size), dtype=np.float32)
-    requirements = [f"torch=={torch.__version__.split('+')[0]}"]  # given, so MLflow skips slow inference
+    requirements = [installed_pin("torch")]  # given, so MLflow skips slow inference
     try:
         with active_run(logger):
             mlflow.pytorch.log_model(

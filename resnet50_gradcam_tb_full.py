@@ -36,7 +36,6 @@ from tbcxr.config import (
     positive_int,
     refuse_inside,
 )
-from tbcxr.data import discover_dataset, find_class_dirs, labelled_images, list_images
 from tbcxr.errors import exits_on_error
 from tbcxr.explain import (
     UNLABELLED,
@@ -49,6 +48,7 @@ from tbcxr.explain import (
     render_explanation,
     render_grid,
 )
+from tbcxr.layout import discover_dataset, find_class_dirs, labelled_images, list_images
 from tbcxr.predict import (
     OK,
     Predictor,

@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 import resnet50_tb_full as trainer  # noqa: E402
 from tbcxr.checkpoint import Checkpoint  # noqa: E402
 from tbcxr.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from tbcxr.data import discover_dataset  # noqa: E402
 from tbcxr.evaluation import predict_checkpoint  # noqa: E402
+from tbcxr.layout import discover_dataset  # noqa: E402
 from tbcxr.metrics import bootstrap_indices, selection_score  # noqa: E402
 from tbcxr.runtime import seed_everything  # noqa: E402
 from tbcxr.split import held_out_samples  # noqa: E402

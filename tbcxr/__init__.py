@@ -5,7 +5,8 @@
     train_config  the trainer's TrainConfig (one field per flag) and how a run's config is layered
     runtime       device, autocast dtype, seeding, peak memory; torchrun shards and gathers
     decoding      image file -> 8-bit greyscale picture
-    data          layouts, data preparation, transforms, datasets, samplers, loaders
+    layout        folder layouts (organized or raw Kaggle): which files are images of which class
+    data          data preparation, transforms, datasets, samplers, loaders
     split         the split manifest; held-out selection: which images a checkpoint may be scored on
     data_quality  unreadable-file scan, exact and near-duplicate leak check
     cache         decoded uint8 caches: fingerprints, worker-process decoding, .npy rows, stale-file cleanup

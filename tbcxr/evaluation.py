@@ -15,8 +15,9 @@ import torch
 
 from .checkpoint import Checkpoint, read_json, write_json
 from .config import CLASS_NAMES, FULL_TRAINING, SUMMARY_NAME
-from .data import XrayDataset, discover_dataset
+from .data import XrayDataset
 from .figures import comparison_roc_figure, gradcam_row, save_evaluation_figures, training_curves_figure
+from .layout import discover_dataset
 from .metrics import (
     THRESHOLD_FREE_METRICS,
     THRESHOLD_NAMES,

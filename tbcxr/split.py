@@ -14,15 +14,12 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .checkpoint import Checkpoint, read_json
 from .config import CLASS_NAMES, MANIFEST_NAME
 from .data_quality import NEAR_DUPLICATE_BITS, as_hash_words, near_pairs, scan_images
 from .errors import DataError
-
-if TYPE_CHECKING:
-    from .data import DataSplit
+from .layout import DataSplit
 
 TRAINED_ON = ("training", "validation")  # sides whose images a checkpoint has seen
 
@@ -139,7 +136,7 @@ def held_out_samples(
     """The labelled images to test a checkpoint on, and where they come from.
 
     Without a data folder: the test side of the split manifest beside the checkpoint. With one (as
-    data.discover_dataset finds it): its test/ side (organized layout) or all of it (raw layout: the
+    layout.discover_dataset finds it): its test/ side (organized layout) or all of it (raw layout: the
     folder the checkpoint was trained on, or another hospital's), minus every exact or near copy of an
     image the manifest records as training, validation or split-removed content. Content, not paths: a
     moved or copied folder is still recognised. The console says how many images were left out and why.

@@ -11,10 +11,11 @@ import torch
 from conftest import make_organized, shared_data, write_xrays
 from PIL import Image
 
-from tbcxr.data import discover_dataset, eval_transform, train_transform
+from tbcxr.data import eval_transform, train_transform
 from tbcxr.decoding import load_xray
 from tbcxr.demo import synthetic_xray
 from tbcxr.errors import DataLayoutError
+from tbcxr.layout import discover_dataset
 from tbcxr.split import make_split_manifest
 
 

@@ -19,8 +19,9 @@ from tbcxr import cache, data_quality
 from tbcxr.cache import decode_resized, side_cache_sizes
 from tbcxr.checkpoint import read_json
 from tbcxr.config import MANIFEST_NAME
-from tbcxr.data import LoaderSettings, PreparationSettings, discover_dataset, make_loaders, prepare_manifest
+from tbcxr.data import LoaderSettings, PreparationSettings, make_loaders, prepare_manifest
 from tbcxr.data_quality import LEAK_CHUNK, PAIRS, ImageScan, find_leaks, scan_images
+from tbcxr.layout import discover_dataset
 from tbcxr.split import make_split_manifest, manifest_samples
 
 

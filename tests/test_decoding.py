@@ -21,12 +21,12 @@ import resnet50_gradcam_tb_full as gradcam
 import resnet50_tb_full as trainer
 from tbcxr.checkpoint import Checkpoint
 from tbcxr.config import CLASS_NAMES, MANIFEST_NAME
-from tbcxr.data import list_images
 from tbcxr.data_quality import scan_images
 from tbcxr.decoding import DicomDecodeError, load_xray
 from tbcxr.demo import synthetic_xray
 from tbcxr.errors import ImageReadError
 from tbcxr.explain import ExplainedImages
+from tbcxr.layout import list_images
 from tbcxr.model import build_model
 
 PATIENT_NAME, PATIENT_ID = "Zyxwvut^Quinella", "ZQX-4711-PID"

@@ -19,9 +19,9 @@ import resnet50_tb_full as trainer
 from tbcxr import figures
 from tbcxr.checkpoint import Checkpoint, read_json
 from tbcxr.config import MANIFEST_NAME
-from tbcxr.data import discover_dataset
 from tbcxr.errors import DataError
 from tbcxr.evaluation import predict_checkpoint
+from tbcxr.layout import discover_dataset
 from tbcxr.metrics import bootstrap_metrics, classification_metrics, select_thresholds, with_intervals
 from tbcxr.split import held_out_samples, manifest_samples
 

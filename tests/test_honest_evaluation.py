@@ -17,9 +17,9 @@ from sklearn.metrics import roc_auc_score
 import resnet50_tb_full as trainer
 from tbcxr.checkpoint import Checkpoint, read_json, write_json
 from tbcxr.config import MANIFEST_NAME
-from tbcxr.data import discover_dataset
 from tbcxr.errors import DataError
 from tbcxr.evaluation import predict_checkpoint
+from tbcxr.layout import discover_dataset
 from tbcxr.metrics import classification_metrics, format_p_value, select_thresholds
 from tbcxr.split import held_out_samples, manifest_samples
 

@@ -31,11 +31,12 @@ import resnet50_gradcam_tb_full as gradcam
 import resnet50_tb_full as trainer
 from tbcxr.checkpoint import Checkpoint, RunState, write_json
 from tbcxr.config import MANIFEST_NAME, PENDING_RECORDS_NAME
-from tbcxr.data import PreparationSettings, discover_dataset, prepare_manifest
+from tbcxr.data import PreparationSettings, prepare_manifest
 from tbcxr.data_quality import scan_images
 from tbcxr.decoding import load_xray
 from tbcxr.demo import synthetic_xray
 from tbcxr.errors import DataError, DataLayoutError, WeightsUnavailableError
+from tbcxr.layout import discover_dataset
 from tbcxr.model import build_model
 from tbcxr.split import make_split_manifest, split_digest
 from tbcxr.tracking import start_run

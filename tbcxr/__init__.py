@@ -20,6 +20,8 @@
     figures       every plot, one save helper
     tracking      MLflow: store choice, runs, offline queue, model logging
     demo          synthetic X-rays for --demo
+    lungs         the shipped lung-field model (MONAI U-Net): lung masks, the lung box and its margin
+    lung_training  training the lung-field model: python -m tbcxr.lung_training
 
-Nothing runs at import time; MLflow, scikit-learn and matplotlib are imported where used.
+Nothing runs at import time; MLflow, scikit-learn, matplotlib and MONAI are imported where used.
 """

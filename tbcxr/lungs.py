@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from .checkpoint import atomic_write
 from .errors import TbcxrError
 
 SHIPPED_WEIGHTS = Path(__file__).with_name("lung_model.pt")
@@ -150,10 +151,7 @@ def save_lung_model(path: Path, network: torch.nn.Module, input_size: int, recor
     network_settings = {key: list(value) if isinstance(value, tuple) else value for key, value in NETWORK.items()}
     payload = {"format": FORMAT, "network": network_settings, "input_size": input_size,
                "box_convention": BOX_CONVENTION, "state_dict": state, "record": record}  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".partial")
-    torch.save(payload, temporary)
-    temporary.replace(path)
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_lung_model(path: str | Path = SHIPPED_WEIGHTS) -> LungModel:

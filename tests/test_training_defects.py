@@ -116,6 +116,7 @@ def test_the_recipe_and_the_reason_printed_for_it_follow_the_flags(flags, recipe
         ("--val-fraction", "0.2", "the saved split is reused"),
         ("--test-fraction", "0.3", "the saved split is reused"),
         ("--dedup", None, "the saved split is reused"),
+        ("--image-size", "48", "every epoch so far saw the images prepared this way"),
         ("--clahe", None, "every epoch so far saw the images prepared this way"),
         ("--intensity-augment", None, "every epoch so far saw the images prepared this way"),
     ],
@@ -128,8 +129,10 @@ def test_resume_refuses_split_and_image_settings_it_would_ignore_or_change_mid_r
         trainer.config_from_args(["--resume", str(last), flag, *([value] if value else [])])
     assert f"{flag} cannot change on resume: {reason}" in capsys.readouterr().err
     # The saved values themselves may be typed again.
-    same = trainer.config_from_args(["--resume", str(last), "--val-fraction", "0.3", "--no-dedup", "--no-clahe"])
-    assert same.val_fraction == 0.3 and not same.dedup and not same.clahe
+    same = trainer.config_from_args(
+        ["--resume", str(last), "--val-fraction", "0.3", "--no-dedup", "--no-clahe", "--image-size", "32"]
+    )
+    assert same.val_fraction == 0.3 and not same.dedup and not same.clahe and same.image_size == 32
 
 
 # A trainer that SIGKILLs itself right after the first checkpoint file of epoch 2 reaches the disk (writes:

@@ -297,18 +297,18 @@ def train_and_validate(run: Run, loaders: tuple, val_images: int, epoch: int) ->
 def fit(run: Run, loaders: tuple, val_images: int, resumed: bool) -> None:
     """The epoch loop, with its one place for Ctrl-C, out-of-memory and non-finite-loss handling."""
     config, state = run.config, run.state
-    state.completed = False
+    state.completed, epoch = False, state.epoch + 1  # epoch: the one under way (training, validating or saving)
     try:
         if not resumed:  # so that an interrupt during the first epoch still leaves a resumable file
             run.save(run.last_path)
         # A resumed run that had stopped early (killed while finishing) goes straight to finish().
         while state.epoch < config.epochs and not run.stopped_early:
-            train_and_validate(run, loaders, val_images, state.epoch + 1)
+            train_and_validate(run, loaders, val_images, epoch := state.epoch + 1)
         if run.stopped_early:
             print(f"Early stopping: no better validation AUC for {config.early_stop_patience} epochs")
     except KeyboardInterrupt:
         run.logger.set_status("KILLED")
-        print(f"\nInterrupted. {run.last_path} holds epoch {state.epoch}; resume with:\n  {run.resume_command}")
+        print(f"\n{run.interruption_report(epoch)}")
         raise SystemExit(130) from None
     except torch.OutOfMemoryError as exc:
         run.logger.set_status("FAILED")

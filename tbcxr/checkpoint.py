@@ -69,13 +69,14 @@ class RunState:
 
 
 def run_state(saved: dict) -> RunState:
-    """The RunState of a checkpoint dict of any readable format."""
+    """The RunState of a checkpoint dict of any readable format. A field the file lacks (written before the
+    field existed) takes its default, so that adding a field never makes the checkpoints already saved unreadable."""
+    values = {f.name: saved[f.name] for f in fields(RunState) if f.name in saved and f.name != "calibration"}
     if saved["format"] == 1:  # P(TB) = softmax(logits / T): scale 1/T, no bias
-        calibration = Calibration(scale=1.0 / saved["temperature"])
-    else:
-        calibration = Calibration(**saved["calibration"])
-    values = {f.name: saved[f.name] for f in fields(RunState) if f.name != "calibration"}
-    return RunState(**values, calibration=calibration)
+        values["calibration"] = Calibration(scale=1.0 / saved["temperature"])
+    elif "calibration" in saved:
+        values["calibration"] = Calibration(**saved["calibration"])
+    return RunState(**values)
 
 
 @dataclass

@@ -152,14 +152,19 @@ class RunLogger:
         self._record({"kind": "artifact", "path": str(path), "artifact_path": artifact_path})
 
     def replay_pending(self) -> int:
-        """Send what an earlier, disconnected run queued; the file goes once all is sent."""
+        """Send what an earlier, disconnected run queued; the file goes once all is sent. Returns how many records
+        were sent. A queued artifact whose file is gone is skipped with a warning: it would hold the queue for good."""
         if not self.pending_path.is_file():
             return 0
         records = [json.loads(line) for line in self.pending_path.read_text().splitlines() if line.strip()]
+        gone = [r["path"] for r in records if r["kind"] == "artifact" and not Path(r["path"]).exists()]
         for record in records:
-            self._send(record)
+            if record["kind"] != "artifact" or record["path"] not in gone:
+                self._send(record)
+        for path in gone:
+            print(f"WARNING: {path} was queued for MLflow run {self.run_id} but is gone; not sent", file=sys.stderr)
         self.pending_path.unlink()
-        return len(records)
+        return len(records) - len(gone)
 
     def logged_steps(self, key: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
@@ -253,7 +258,8 @@ def active_run(logger: RunLogger):
 
 
 def log_model(logger: RunLogger, model: nn.Module, image_size: int) -> None:
-    """The best model in MLflow's pt2 format (torch.export: loading it runs no pickled code)."""
+    """The best model in MLflow's pt2 format (torch.export: loading it runs no pickled code). Where torch.export
+    fails, a warning and the run's tag pt2_model say why; the servable model needs no pt2 copy."""
     if logger.offline:
         return
     import mlflow
@@ -273,6 +279,10 @@ def log_model(logger: RunLogger, model: nn.Module, image_size: int) -> None:
         logger.go_offline(
             exc, "the model was not logged; it is in the best checkpoint; --resume logs it once the store answers"
         )
+    except Exception as exc:  # torch.export raises many types, by the operation or graph it cannot trace
+        reason = f"torch.export failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+        print(f"WARNING: the pt2 copy of the model was not logged: {reason}", file=sys.stderr)
+        logger.client.set_tag(logger.run_id, "pt2_model", f"not logged: {reason}")
 
 
 # What serving imports, pinned to the versions here, so that MLflow need not infer them (slow).
@@ -356,14 +366,9 @@ class SilentLogger:
     run_id = tracking_uri = ""
     offline = True
 
-    def log_metrics(self, metrics: dict, step: int = 0) -> None:
-        pass
-
-    def log_artifact(self, path, artifact_path=None) -> None:
-        pass
-
-    def set_status(self, status: str) -> None:
-        pass
+    def log_metrics(self, metrics: dict, step: int = 0) -> None: ...
+    def log_artifact(self, path, artifact_path=None) -> None: ...
+    def set_status(self, status: str) -> None: ...
 
 
 def metric_histories(tracking_uri: str, run_id: str, keys: tuple[str, ...]) -> dict[str, list] | None:

@@ -150,9 +150,11 @@ def fixed_on_resume(settings: dict) -> dict[str, str]:
     fixed["freeze_features"] = "the optimizer's saved state holds the trained layers"
     fixed["recipe"] = "the run goes on with its saved settings"
     fixed["schedule"] = "the scheduler's saved state holds it"
-    # The split settings would be ignored yet recorded in later configs; the image settings would change mid-run.
+    # The split settings would be ignored yet recorded in later configs; the image settings would change mid-run
+    # (and a size recorded in the best checkpoint that its weights were not trained at).
     fixed |= dict.fromkeys(("val_fraction", "test_fraction", "dedup"), "the saved split is reused, test images and all")
-    fixed |= dict.fromkeys(("clahe", "intensity_augment"), "every epoch so far saw the images prepared this way")
+    prepared = "every epoch so far saw the images prepared this way"
+    fixed |= dict.fromkeys(("image_size", "clahe", "intensity_augment"), prepared)
     if settings["schedule"] == "plateau":
         fixed["scheduler_patience"] = "the scheduler's saved state holds it"
     else:

@@ -68,6 +68,14 @@ def load_resumable(path: str) -> Checkpoint:
     return checkpoint
 
 
+def file_version(path: Path) -> tuple[int, int] | None:
+    """A file's (inode, modification time), which an atomic replacement changes; None when there is none."""
+    if not path.is_file():
+        return None
+    found = path.stat()
+    return found.st_ino, found.st_mtime_ns
+
+
 def lr_multiplier(lr_scale: str, world_size: int) -> float:
     """--lr-scale: the factor on the learning rates under torchrun (none: Adam's rates as set)."""
     return {"none": 1.0, "linear": world_size, "sqrt": world_size**0.5}[lr_scale]
@@ -97,6 +105,9 @@ class Run:
     split_digest: str  # of the split manifest the run trains on, recorded in every checkpoint
     logger: RunLogger | SilentLogger = field(default_factory=SilentLogger)
     state: RunState = field(default_factory=RunState)
+    # The file --resume goes on from and the epoch it holds: last.pth once this run has written it, else the
+    # checkpoint the run was resumed from; None before either.
+    resumable_file: tuple[Path, int] | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -128,7 +139,16 @@ class Run:
 
     @property
     def resume_command(self) -> str:
-        return f"python resnet50_tb_full.py --resume {self.last_path}"
+        path = self.resumable_file[0] if self.resumable_file else self.last_path
+        return f"python resnet50_tb_full.py --resume {path}"
+
+    def interruption_report(self, epoch: int) -> str:
+        """What Ctrl-C during `epoch` (training, validation, or saving and logging it) leaves to resume from."""
+        if self.resumable_file is None:
+            return f"Interrupted during epoch {epoch}, before any checkpoint was saved: start the run again."
+        path, held = self.resumable_file
+        saved = f"{path} holds it" if held == epoch else f"{path} holds epoch {held}"
+        return f"Interrupted during epoch {epoch}; {saved}. Resume with:\n  {self.resume_command}"
 
     @property
     def stopped_early(self) -> bool:
@@ -154,7 +174,12 @@ class Run:
             checkpoint.optimizer_state = training.optimizer.state_dict()
             checkpoint.scheduler_state = training.scheduler.state_dict()
             checkpoint.scaler_state = training.scaler.state_dict()
-        checkpoint.save(path)
+        replaced = file_version(path)
+        try:
+            checkpoint.save(path)
+        finally:  # Ctrl-C during the write is raised once the file is whole: a new last.pth is recorded even so
+            if path == self.last_path and file_version(path) != replaced:
+                self.resumable_file = (path, self.state.epoch)
 
     def save_epoch(self, improved: bool) -> None:
         """The checkpoints of the epoch just validated: a periodic one every --save-every epochs, last.pth, and
@@ -194,6 +219,7 @@ class Run:
         if resumed.scaler_state:  # empty when the run was saved without fp16 (a disabled GradScaler)
             training.scaler.load_state_dict(resumed.scaler_state)
         self.state = resumed.state
+        self.resumable_file = (Path(self.config.resume), resumed.state.epoch)
 
     def load_best(self) -> Checkpoint:
         """The best checkpoint, refused when this run did not write it (an earlier run's in the same folder):

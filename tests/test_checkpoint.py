@@ -4,6 +4,8 @@ is not one of ours."""
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
+
 import pytest
 import torch
 from torch import nn
@@ -59,6 +61,23 @@ def test_a_saved_checkpoint_is_a_plain_dict_and_loads_back_field_for_field(tmp_p
     assert torch.load(weights_only, weights_only=True).keys() == KEYS  # a best_*.pth holds no training state
     best = Checkpoint.load(weights_only)
     assert not best.resumable and best.clahe is None and best.profile is FULL_TRAINING
+
+
+@pytest.mark.parametrize("missing", [f.name for f in fields(RunState)])
+def test_a_checkpoint_written_before_a_run_state_field_existed_loads_with_that_fields_default(tmp_path, missing):
+    """Every field added to RunState later would otherwise make every checkpoint saved before it unreadable."""
+    saved_values = dict(epoch=3, best_score=[0.9, -0.2], best_epoch=2, stale_epochs=1, history=[{"epoch": 1}],
+                        train_seconds=12.5, completed=True, thresholds={"default": 0.5, "youden": 0.6},
+                        calibration=Calibration(0.6, -1.2), operating_points_epoch=3, peak_memory_mb=300.0)  # fmt: skip
+    assert all(value != getattr(RunState(), name) for name, value in saved_values.items())  # none is a default
+    state = RunState(**saved_values)
+    plain = Checkpoint({"w": torch.ones(3)}, {}, 32, trainable_parameters=3, state=state).to_dict()
+    path = tmp_path / "older.pth"
+    torch.save({key: value for key, value in plain.items() if key != missing}, path)
+
+    loaded = Checkpoint.load(path).state
+
+    assert loaded == replace(state, **{missing: getattr(RunState(), missing)})
 
 
 def test_the_rebuilt_model_gives_identical_logits(tmp_path):

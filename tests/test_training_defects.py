@@ -116,6 +116,7 @@ def test_the_recipe_and_the_reason_printed_for_it_follow_the_flags(flags, recipe
         ("--val-fraction", "0.2", "the saved split is reused"),
         ("--test-fraction", "0.3", "the saved split is reused"),
         ("--dedup", None, "the saved split is reused"),
+        ("--image-size", "48", "every epoch so far saw the images prepared this way"),
         ("--clahe", None, "every epoch so far saw the images prepared this way"),
         ("--intensity-augment", None, "every epoch so far saw the images prepared this way"),
     ],
@@ -128,8 +129,10 @@ def test_resume_refuses_split_and_image_settings_it_would_ignore_or_change_mid_r
         trainer.config_from_args(["--resume", str(last), flag, *([value] if value else [])])
     assert f"{flag} cannot change on resume: {reason}" in capsys.readouterr().err
     # The saved values themselves may be typed again.
-    same = trainer.config_from_args(["--resume", str(last), "--val-fraction", "0.3", "--no-dedup", "--no-clahe"])
-    assert same.val_fraction == 0.3 and not same.dedup and not same.clahe
+    same = trainer.config_from_args(
+        ["--resume", str(last), "--val-fraction", "0.3", "--no-dedup", "--no-clahe", "--image-size", "32"]
+    )
+    assert same.val_fraction == 0.3 and not same.dedup and not same.clahe and same.image_size == 32
 
 
 # A trainer that SIGKILLs itself right after the first checkpoint file of epoch 2 reaches the disk (writes:
@@ -182,3 +185,45 @@ def test_a_kill_between_the_best_and_last_writes_leaves_a_best_that_resume_keeps
     assert summary["best_epoch"] == best["epoch"] == best["best_epoch"] == last["best_epoch"] == 2
     assert best["history"] == last["history"] and best["mlflow_run_id"] == last["mlflow_run_id"]
     assert all(torch.equal(weights, last["model"][name]) for name, weights in best["model"].items())
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+@pytest.mark.parametrize(
+    ("where", "last_holds"),
+    [("validation", 1), ("periodic checkpoint", 1), ("last.pth", 2)],
+)
+def test_ctrl_c_names_the_epoch_it_interrupted_and_the_epoch_last_pth_holds(
+    tmp_path, data, capsys, monkeypatch, no_model_logging, where, last_holds
+):
+    """Epoch 2 is interrupted while it is validated, while its periodic checkpoint is written (after the run's
+    state already says epoch 2, before last.pth has it) or while its last.pth is written (held until whole)."""
+    import tbcxr.checkpoint as checkpoint
+
+    evaluate, write = trainer.evaluate, checkpoint.atomic_write
+    validations = []
+
+    def interrupted_validation(*args, **kwargs):
+        validations.append(1)
+        if where == "validation" and len(validations) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C does outside a held write
+        return evaluate(*args, **kwargs)
+
+    def interrupted_write(path, contents):
+        name = Path(path).name
+        if validations == [1, 1] and ("_epoch2_" in name if where == "periodic checkpoint" else name == where):
+            os.kill(os.getpid(), signal.SIGINT)  # held by Checkpoint.save until the file is whole
+        write(path, contents)
+
+    monkeypatch.setattr(trainer, "evaluate", interrupted_validation)
+    monkeypatch.setattr(checkpoint, "atomic_write", interrupted_write)
+    ckpt = tmp_path / "ckpt"
+
+    with pytest.raises(SystemExit) as exited:
+        train(data, ckpt, "--epochs", "3", "--save-every", "2")
+
+    assert exited.value.code == 130
+    held = "holds it" if last_holds == 2 else "holds epoch 1"
+    out = capsys.readouterr().out
+    assert f"Interrupted during epoch 2; {ckpt / 'last.pth'} {held}. Resume with:" in out, out[-1000:]
+    assert f"python resnet50_tb_full.py --resume {ckpt / 'last.pth'}" in out
+    assert saved(ckpt / "last.pth")["epoch"] == last_holds

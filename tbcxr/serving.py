@@ -41,9 +41,10 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 IMAGE_COLUMN = "image"
 OUTPUT_COLUMNS = ("status", "p_tb", "decision", "threshold", "operating_point", "model_version")
 CHUNK = 16  # images decoded and scored at once: a request never holds more than this many tensors
-# At 224 px a 2-core CPU scores about 10 images/s: 256 answer within the scoring server's default request
-# timeout of 60 s (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT), where a larger request would end in a 504.
-MAX_REQUEST_IMAGES = 256
+# Batch prediction of a 224 px model ran at 4.24 images/s on a 2-core CPU (docs/performance.md): 128 images
+# take about 30 s there, half the scoring server's default request timeout (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT,
+# 60 s), past which the client gets a 504 and no answer at all.
+MAX_REQUEST_IMAGES = 128
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
     outputs=Schema(

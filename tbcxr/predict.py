@@ -265,9 +265,8 @@ def score_labelled(
 ) -> tuple[list[tuple[str, int]], np.ndarray, dict[str, str]]:
     """Labelled (path, label) samples scored as a folder is: the samples the screening rule lets through, their
     P(TB) (as Predictor.probabilities gives them), and each left-out path with its reason."""
-    kept, probs, left_out = [], [], {}
-    for indices, statuses, batch_probs in scored_batches(predictor, [Path(p) for p, _ in samples], batch_size,
-                                                         num_workers):  # fmt: skip
+    kept, probs, left_out, files = [], [], {}, [Path(path) for path, _ in samples]
+    for indices, statuses, batch_probs in scored_batches(predictor, files, batch_size, num_workers):
         probs.append(batch_probs)
         for i, status in zip(indices, statuses):
             if status == OK:

@@ -37,7 +37,7 @@ from tbcxr.config import (
     refuse_inside,
 )
 from tbcxr.data import discover_dataset, find_class_dirs, labelled_images, list_images
-from tbcxr.errors import exits_on_error
+from tbcxr.errors import DataError, exits_on_error
 from tbcxr.explain import (
     UNLABELLED,
     class_slug,
@@ -329,6 +329,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"GradCAM leaves out {len(left_out)} files that cannot be scored as a chest X-ray: "
               f"{left_out_listing(left_out)}")  # fmt: skip
     result = {"predictions": config.predictions} if config.predictions else {}
+    if not samples and left_out and not config.predictions:
+        raise DataError(f"error: no map to draw: no image given can be scored as a chest X-ray: "
+                        f"{left_out_listing(left_out)}")  # fmt: skip
     if not samples:
         return result | {"left_out": [{"image": image, "reason": reason} for image, reason in left_out.items()]}
     label = subjects[0].profile.gradcam_label

@@ -36,7 +36,7 @@ from tbcxr.config import (
     positive_int,
     refuse_inside,
 )
-from tbcxr.errors import exits_on_error
+from tbcxr.errors import DataError, exits_on_error
 from tbcxr.explain import (
     UNLABELLED,
     class_slug,
@@ -55,8 +55,11 @@ from tbcxr.predict import (
     Scored,
     checkpoint_digest,
     find_files,
+    left_out_listing,
+    left_out_reason,
     predict_to_csv,
     score_files,
+    screen_samples,
     summary_line,
 )
 from tbcxr.runtime import resolve_device
@@ -216,19 +219,22 @@ def predict_images(config: GradCamConfig, subject: Subject) -> tuple[list[Scored
     return rows, labels
 
 
-def samples_to_explain(config: GradCamConfig, subject: Subject, scored) -> list[tuple[str, int]]:
+def samples_to_explain(config: GradCamConfig, subject: Subject, scored) -> tuple[list[tuple[str, int]], dict]:
     """--maps all: every readable predicted image, or (without --predictions) --images or --num-images per
-    class of the test images; top: the --num-images of highest P(TB); none: no image."""
+    class of the test images; top: the --num-images of highest P(TB); none: no image. And {path: reason} of
+    the files the screening rule prediction applies left out (colour, strip-shaped, multi-frame)."""
     if config.chosen_maps == "none":
-        return []
+        return [], {}
     if scored is None:
         samples = samples_from_paths(config.images) if config.images else None
-        return samples or first_per_class(test_samples(config, subject.path, subject.checkpoint), config.num_images)
+        samples = samples or first_per_class(test_samples(config, subject.path, subject.checkpoint), config.num_images)
+        return screen_samples(samples, subject.predictor.transform)
     rows, labels = scored
     readable = [row for row in rows if row.status == OK]
+    left_out = {str(row.path): left_out_reason(row.status) for row in rows if row.status != OK}
     if config.chosen_maps == "top":
         readable = sorted(readable, key=lambda row: -row.p_tb)[: config.num_images]
-    return [(str(row.path), labels[str(row.path)]) for row in readable]
+    return [(str(row.path), labels[str(row.path)]) for row in readable], left_out
 
 
 def explain_subject(config: GradCamConfig, subject: Subject, samples) -> list:
@@ -265,8 +271,10 @@ def render_maps(config: GradCamConfig, subjects: list[Subject], explained: list[
     return written, rows
 
 
-def write_index(config: GradCamConfig, subject: Subject, manifest, explanations, rows, output_dir: Path):
-    """The summary grid, and the index of every map as CSV and JSON (with the mean ROAD per class)."""
+def write_index(config: GradCamConfig, subject: Subject, manifest, explained, output_dir: Path):
+    """The summary grid, and the index of every map as CSV and JSON (with the mean ROAD per class and the files
+    left out, each with its reason)."""
+    explanations, rows, left_out = explained
     label = subject.profile.gradcam_label
     grid_path = output_dir / f"gradcam_summary_{label}.png"
     render_grid(explanations, config.method, f"{label}\n{provenance(subject.checkpoint, manifest)}", grid_path)
@@ -276,6 +284,7 @@ def write_index(config: GradCamConfig, subject: Subject, manifest, explanations,
         "target": config.target,
         "label": label,
         "mean_road_per_class": mean_road_per_class(explanations),
+        "left_out": [{"image": image, "reason": reason} for image, reason in left_out.items()],
         "config": asdict(config),
     }
     csv_path, json_path = output_dir / f"gradcam_index_{label}.csv", output_dir / f"gradcam_index_{label}.json"
@@ -287,9 +296,11 @@ def write_index(config: GradCamConfig, subject: Subject, manifest, explanations,
     return summary, [grid_path, csv_path, json_path]
 
 
-def write_outputs(config: GradCamConfig, subjects: list[Subject], manifest, explained, output_dir: Path) -> dict:
+def write_outputs(
+    config: GradCamConfig, subjects: list[Subject], manifest, explained, left_out: dict, output_dir: Path
+) -> dict:
     written, rows = render_maps(config, subjects, explained, output_dir)
-    summary, index_files = write_index(config, subjects[0], manifest, explained[0], rows, output_dir)
+    summary, index_files = write_index(config, subjects[0], manifest, (explained[0], rows, left_out), output_dir)
     written += index_files
     road = summary["mean_road_per_class"]
     print("Faithfulness (ROAD combined, higher is better): " + ", ".join(f"{n} {s:+.4f}" for n, s in road.items()))
@@ -313,14 +324,20 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = output_folder(config, subjects[0].profile, manifest)
     predicting = config.predictions or config.chosen_maps == "top"
     scored = predict_images(config, subjects[0]) if predicting else None
-    samples = samples_to_explain(config, subjects[0], scored)
+    samples, left_out = samples_to_explain(config, subjects[0], scored)
+    if left_out:
+        print(f"GradCAM leaves out {len(left_out)} files that cannot be scored as a chest X-ray: "
+              f"{left_out_listing(left_out)}")  # fmt: skip
     result = {"predictions": config.predictions} if config.predictions else {}
+    if not samples and left_out and not config.predictions:
+        raise DataError(f"error: no map to draw: no image given can be scored as a chest X-ray: "
+                        f"{left_out_listing(left_out)}")  # fmt: skip
     if not samples:
-        return result
+        return result | {"left_out": [{"image": image, "reason": reason} for image, reason in left_out.items()]}
     label = subjects[0].profile.gradcam_label
     print(f"GradCAM ({config.method}) for {subjects[0].path} [{label}] on {len(samples)} images, device {device}")
     explained = [explain_subject(config, subject, samples) for subject in subjects]
-    return result | write_outputs(config, subjects, manifest, explained, output_dir)
+    return result | write_outputs(config, subjects, manifest, explained, left_out, output_dir)
 
 
 if __name__ == "__main__":

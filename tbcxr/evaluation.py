@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import Checkpoint, read_json, write_json
 from .config import CLASS_NAMES, FULL_TRAINING, SUMMARY_NAME
-from .data import XrayDataset
+from .errors import DataError
 from .figures import comparison_roc_figure, gradcam_row, save_evaluation_figures, training_curves_figure
 from .layout import discover_dataset
 from .metrics import (
@@ -31,7 +31,7 @@ from .metrics import (
     format_results,
     with_intervals,
 )
-from .predict import Predictor, write_labelled_predictions
+from .predict import left_out_listing, screened_scores, write_labelled_predictions
 from .site import fit_site_thresholds, refuse_small_sample
 from .split import held_out_samples, refuse_trained_on
 from .tracking import log_evaluation_run, metric_histories, resolve_tracking_uri
@@ -60,16 +60,12 @@ class Scoring:
 
 
 def predict_checkpoint(checkpoint: Checkpoint, samples, device, batch_size: int, num_workers: int, path=""):
-    """Labels and (calibrated) TB probabilities of a checkpoint (read from `path`, named in errors)
-    on labelled samples: the predictor and transform that batch prediction and serving use."""
-    predictor = Predictor.for_checkpoint(checkpoint, path or "in memory", device)
-    dataset = XrayDataset(samples, predictor.transform)  # load_xray, then the transform: predict.image_tensor
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    labels, probs = [], []
-    for images, targets in loader:
-        labels.append(targets.numpy())
-        probs.append(predictor.probabilities(images))
-    return np.concatenate(labels), np.concatenate(probs)
+    """Labels and (calibrated) TB probabilities of every sample (screened_scores); an error naming the files the
+    screening rule leaves out, where every sample must be scored."""
+    _, labels, probs, left_out = screened_scores(checkpoint, samples, device, batch_size, num_workers, path)
+    if left_out:
+        raise DataError(f"error: {len(left_out)} images cannot be scored: {left_out_listing(left_out)}")
+    return labels, probs
 
 
 def evaluation_report(labels, probs, thresholds: dict[str, float], resamples: int, seed: int) -> dict:
@@ -156,6 +152,21 @@ def score_checkpoint(checkpoint: Checkpoint, samples, scoring: Scoring, path: Pa
     return labels, probs, evaluation_report(labels, probs, checkpoint.state.thresholds, scoring.resamples, scoring.seed)
 
 
+def score_screened_sample(checkpoint: Checkpoint, samples, scoring: Scoring, path: Path | str, source: str):
+    """--test-only's scoring: the samples the screening rule lets through with their labels, probabilities and
+    report; the ones it leaves out are listed in the report (path and reason) and counted on the console."""
+    samples, labels, probs, left_out = screened_scores(
+        checkpoint, samples, scoring.device, scoring.batch_size, scoring.num_workers, path
+    )
+    if left_out:
+        print(f"Left out {len(left_out)} files that cannot be scored as a chest X-ray: {left_out_listing(left_out)}")
+    if not samples:
+        raise DataError(f"error: no image of {source} can be scored: {left_out_listing(left_out)}")
+    report = evaluation_report(labels, probs, checkpoint.state.thresholds, scoring.resamples, scoring.seed)
+    report["left_out"] = [{"path": image, "reason": reason} for image, reason in left_out.items()]
+    return samples, labels, probs, report
+
+
 def run_test_only(
     checkpoint_path: Path, data_dir: str, scoring: Scoring, tracking_uri: str, *, site_prevalence: float | None = None
 ) -> dict:
@@ -172,7 +183,9 @@ def run_test_only(
         refuse_small_sample([label for _, label in samples])  # before the slow part: scoring every image
     name = Path(data_dir).resolve().name if data_dir else "split_test"  # not "test": a folder may be named so
     print(f"Evaluating {checkpoint_path} on {len(samples)} images: {source}")
-    labels, probs, report = score_checkpoint(checkpoint, samples, scoring, checkpoint_path)
+    samples, labels, probs, report = score_screened_sample(checkpoint, samples, scoring, checkpoint_path, source)
+    if site_prevalence is not None and report["left_out"]:
+        refuse_small_sample(labels.tolist())
     print(format_results("Test", classification_metrics(labels, probs)))
     report |= {
         "checkpoint": str(checkpoint_path),

@@ -2,9 +2,12 @@
 
 `image_tensor` is the one preprocessing path (decoding.load_xray, then the checkpoint's evaluation
 transform) that batch prediction, serving, --test-only and GradCAM share, so all of them give an image
-the same P(TB). `Predictor` holds a checkpoint's network with its calibration and one of its stored
-operating points. A folder is streamed through a DataLoader with workers: memory stays bounded
-whatever its size, and a file that cannot be used becomes an `unreadable: <reason>` row, never an error.
+the same P(TB); with `screen` it also applies the one screening rule (`refuse_non_radiograph`,
+`refuse_odd_size`) that all four use to leave out colour, multi-frame and strip-shaped files, each with
+its reason (`FolderImages` for files on disk, the served model for uploads). `Predictor` holds a
+checkpoint's network with its calibration and one of its stored operating points. A folder is streamed
+through a DataLoader with workers: memory stays bounded whatever its size, and a file that cannot be used
+becomes an `unreadable: <reason>` row, never an error.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -68,6 +73,9 @@ class Predictor:
     operating_point: str
     threshold: float
     digest: str
+    # True in a process that set exact float32 once for good (runtime.set_exact_float32: the model server): no
+    # flags saved and restored per batch, which would race between requests scored in threads side by side.
+    precision_fixed: bool = False
 
     @classmethod
     def from_checkpoint(
@@ -101,7 +109,7 @@ class Predictor:
 
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         """P(TB) of a batch of transformed images, with the checkpoint's calibration, in exact float32."""
-        with torch.no_grad(), ieee_float32():
+        with torch.no_grad(), nullcontext() if self.precision_fixed else ieee_float32():
             logits = self.model.eval()(batch.to(self.device)).float()
         return tb_probability(logits, self.checkpoint.state.calibration).cpu().numpy()
 
@@ -186,7 +194,8 @@ def find_files(inputs: list[str | Path]) -> tuple[list[Path], Path]:
 
 
 class FolderImages(torch.utils.data.Dataset):
-    """(index, tensor or None, status) for each file: status "ok", or "unreadable: <reason>"."""
+    """(index, tensor or None, status) for each file: status "ok", or "unreadable: <reason>" where the file is
+    not an image or the screening rule (image_tensor with `screen`) leaves it out."""
 
     def __init__(self, files: list[Path], transform):
         self.files, self.transform = files, transform
@@ -214,6 +223,11 @@ def collate_scored(items: list[tuple[int, torch.Tensor | None, str]]):
     return indices, statuses, torch.stack(good) if good else None
 
 
+def left_out_reason(status: str) -> str:
+    """The reason in an "unreadable: <reason>" status."""
+    return status.removeprefix(f"{UNREADABLE}: ")
+
+
 @dataclass
 class Scored:
     """One file's prediction: P(TB) is NaN for an unreadable file."""
@@ -223,8 +237,11 @@ class Scored:
     p_tb: float
 
 
-def score_files(predictor: Predictor, files: list[Path], batch_size: int, num_workers: int) -> Iterator[list[Scored]]:
-    """Batches of predictions in file order, streamed: at most a few batches of images in memory."""
+def scored_batches(
+    predictor: Predictor, files: list[Path], batch_size: int, num_workers: int
+) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
+    """(file indices, statuses, P(TB) of the batch's "ok" files) per batch, in file order, streamed: at most a few
+    batches of images in memory."""
     loader = torch.utils.data.DataLoader(
         FolderImages(files, predictor.transform),
         batch_size=batch_size,
@@ -233,8 +250,54 @@ def score_files(predictor: Predictor, files: list[Path], batch_size: int, num_wo
         pin_memory=predictor.device.type == "cuda",
     )
     for indices, statuses, images in track(loader, "predict", total=len(files), size=lambda b: len(b[0])):
-        probs = iter(predictor.probabilities(images) if images is not None else [])
+        yield indices, statuses, predictor.probabilities(images) if images is not None else np.zeros(0, np.float32)
+
+
+def score_files(predictor: Predictor, files: list[Path], batch_size: int, num_workers: int) -> Iterator[list[Scored]]:
+    """Batches of predictions in file order, streamed."""
+    for indices, statuses, batch_probs in scored_batches(predictor, files, batch_size, num_workers):
+        probs = iter(batch_probs)
         yield [Scored(files[i], s, float(next(probs)) if s == OK else float("nan")) for i, s in zip(indices, statuses)]
+
+
+def score_labelled(
+    predictor: Predictor, samples: list[tuple[str, int]], batch_size: int, num_workers: int
+) -> tuple[list[tuple[str, int]], np.ndarray, dict[str, str]]:
+    """Labelled (path, label) samples scored as a folder is: the samples the screening rule lets through, their
+    P(TB) (as Predictor.probabilities gives them), and each left-out path with its reason."""
+    kept, probs, left_out, files = [], [], {}, [Path(path) for path, _ in samples]
+    for indices, statuses, batch_probs in scored_batches(predictor, files, batch_size, num_workers):
+        probs.append(batch_probs)
+        for i, status in zip(indices, statuses):
+            if status == OK:
+                kept.append(samples[i])
+            else:
+                left_out[samples[i][0]] = left_out_reason(status)
+    return kept, np.concatenate(probs) if probs else np.zeros(0, np.float32), left_out
+
+
+def screened_scores(checkpoint: Checkpoint, samples, device, batch_size: int, num_workers: int, path=""):
+    """A checkpoint (read from `path`, named in errors) on labelled samples, as batch prediction scores them (its
+    predictor, transform and screening rule): the samples scored, their labels and (calibrated) TB probabilities,
+    and {path: reason} of those the screening rule left out."""
+    predictor = Predictor.for_checkpoint(checkpoint, path or "in memory", device)
+    kept, probs, left_out = score_labelled(predictor, samples, batch_size, num_workers)
+    return kept, np.array([label for _, label in kept], dtype=np.int64), probs, left_out
+
+
+def screen_samples(samples: list[tuple[str, int]], transform) -> tuple[list[tuple[str, int]], dict[str, str]]:
+    """The samples the screening rule (FolderImages) lets through, and {path: reason} of the others: for a step
+    that decodes its images itself (GradCAM)."""
+    screened = FolderImages([Path(path) for path, _ in samples], transform)
+    statuses = [screened[i][2] for i in range(len(samples))]
+    kept = [sample for sample, status in zip(samples, statuses) if status == OK]
+    return kept, {path: left_out_reason(status) for (path, _), status in zip(samples, statuses) if status != OK}
+
+
+def left_out_listing(left_out: dict[str, str]) -> str:
+    """How many files were left out per reason, and which (the first five)."""
+    counts = ", ".join(f"{count} {reason}" for reason, count in Counter(left_out.values()).items())
+    return f"{counts} ({', '.join(list(left_out)[:5])}{', ...' if len(left_out) > 5 else ''})"
 
 
 class PredictionWriter:

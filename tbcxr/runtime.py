@@ -62,13 +62,9 @@ def on_device(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(memory_format=torch.channels_last) if use_channels_last(device) else model
 
 
-@contextmanager
-def ieee_float32():
-    """Convolutions and matrix products in full float32 inside the block, the flags restored after.
-
-    CUDA convolutions use TF32 (10 bits of mantissa) by default from Ampere on: the same weights would then
-    score an image differently from one evaluation to the next (other batches, other kernels) by far more
-    than float32 rounding, enough to move it across a threshold. Training keeps TF32's speed."""
+def _precision_settings() -> tuple[list[tuple[object, str]], object]:
+    """The (owner, attribute) pairs of the float32 precision flags for convolutions and matrix products, and the
+    value that makes them exact; cuDNN's autotuner flag last."""
     if hasattr(torch.backends.cudnn, "conv"):  # torch >= 2.9: the per-backend precision settings
         settings = [(torch.backends.cudnn.conv, "fp32_precision"), (torch.backends.cuda.matmul, "fp32_precision")]
         exact = "ieee"
@@ -76,11 +72,30 @@ def ieee_float32():
         settings = [(torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")]
         exact = False
     # cuDNN's autotuner may pick another algorithm per batch shape: the same image could score differently.
-    settings.append((torch.backends.cudnn, "benchmark"))
-    saved = [getattr(owner, name) for owner, name in settings]
-    torch.backends.cudnn.benchmark = False
+    return [*settings, (torch.backends.cudnn, "benchmark")], exact
+
+
+def set_exact_float32() -> None:
+    """Convolutions and matrix products in full float32 from now on, for the whole process.
+
+    CUDA convolutions use TF32 (10 bits of mantissa) by default from Ampere on: the same weights would then
+    score an image differently from one evaluation to the next (other batches, other kernels) by far more
+    than float32 rounding, enough to move it across a threshold. A process that only scores (the model
+    server, whose requests run in threads side by side) sets this once: flags saved and restored around each
+    batch would let one thread's restore switch TF32 back on under another's forward pass."""
+    settings, exact = _precision_settings()
     for owner, name in settings[:2]:
         setattr(owner, name, exact)
+    torch.backends.cudnn.benchmark = False
+
+
+@contextmanager
+def ieee_float32():
+    """set_exact_float32 inside the block, the flags restored after: for one thread that also trains (training
+    keeps TF32's speed). Never in threads that score side by side: use set_exact_float32 there."""
+    settings, _ = _precision_settings()
+    saved = [getattr(owner, name) for owner, name in settings]
+    set_exact_float32()
     try:
         yield
     finally:

@@ -195,10 +195,12 @@ def test_missing_checkpoint_names_the_training_command(tmp_path, capsys):
         gradcam.main(["--checkpoint", str(tmp_path / "nope.pth")])
 
 
-def test_unreadable_image_is_a_clear_error(tmp_path, capsys):
+def test_no_usable_image_to_explain_is_a_clear_error_naming_the_reason(tmp_path, capsys):
     ckpt = save_tiny_checkpoint(tmp_path / "c.pth")
     (tmp_path / "broken.png").write_text("this is not a PNG")
-    with exits_with(capsys, re.escape(f"cannot read image {tmp_path / 'broken.png'}")):
+    reason = "1 cannot identify image file 'the file'"
+    with exits_with(capsys, re.escape(f"no map to draw: no image given can be scored as a chest X-ray: {reason} ("
+                                      f"{tmp_path / 'broken.png'})")):  # fmt: skip
         gradcam.main(
             ["--checkpoint", str(ckpt), "--images", str(tmp_path / "broken.png"), "--output-dir", str(tmp_path / "out")]
         )

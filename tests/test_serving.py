@@ -1,38 +1,55 @@
 """The servable MLflow model: the trainer registers a pyfunc that takes X-ray files (base64) and answers
 P(TB) and decisions; a real `mlflow models serve` of the registered version gives an image the P(TB) that
-prediction gives it, answers a malformed request with HTTP 400 and a reason, and keeps serving."""
+prediction gives it, answers an unusable image's row with its reason and every other row, refuses a request
+without images or over the size limit with HTTP 400 and the reason, keeps serving, and gives concurrent
+clients the prediction CSV's answers. Exact float32 is set once for the serving process."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import csv
 import io
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import requests
+import torch
 from conftest import SHARED_DATA, TINY, free_port, make_organized, shared_data, stop_process_group, write_xrays
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModelContext
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from test_decoding import dicom_dataset, save
+from test_runtime import precision_flags
 
+import resnet50_gradcam_tb_full as gradcam
 import resnet50_tb_full
-from tbcxr import tracking
+from tbcxr import serving, tracking
 from tbcxr.checkpoint import Checkpoint
 from tbcxr.predict import Predictor, checkpoint_digest, image_tensor
-from tbcxr.serving import CHECKPOINT_ARTIFACT, OUTPUT_COLUMNS, TuberculosisClassifier
+from tbcxr.serving import CHECKPOINT_ARTIFACT, CHUNK, MAX_REQUEST_IMAGES, OUTPUT_COLUMNS, TuberculosisClassifier
 
 REGISTERED = "tb_serving_test"
 SERVE_LINE = re.compile(r"^Registered model (\S+) version (\d+) \(serve: (mlflow models serve .+)\)$", re.MULTILINE)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def precision_restored():
+    """The served model sets exact float32 for good; the rest of the suite finds the flags as they were."""
+    saved = (*precision_flags(), torch.backends.cudnn.benchmark)
+    yield
+    conv, matmul, torch.backends.cudnn.benchmark = saved
+    torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = conv, matmul
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +109,10 @@ def assert_answers(answer: pd.DataFrame, checkpoint_path: Path, files: list[Path
     checkpoint = Checkpoint.load(checkpoint_path)
     threshold = checkpoint.operating_threshold
     assert list(answer.columns) == list(OUTPUT_COLUMNS)
-    np.testing.assert_allclose(answer["p_tb"], predictor_probabilities(checkpoint_path, files), rtol=0, atol=1e-5)
+    assert list(answer["status"]) == ["ok"] * len(files)
+    np.testing.assert_allclose(
+        answer["p_tb"].astype(float), predictor_probabilities(checkpoint_path, files), rtol=0, atol=1e-5
+    )
     assert list(answer["decision"]) == ["Tuberculosis" if p >= threshold else "Normal" for p in answer["p_tb"]]
     assert list(answer["threshold"]) == [threshold] * len(files)
     assert list(answer["operating_point"]) == [checkpoint.recommended_operating_point] * len(files)
@@ -105,29 +125,114 @@ def test_pyfunc_answers_each_image_with_predictions_probability_and_decision(cla
     assert_answers(answer, registered_run["best"], files)
 
 
-@pytest.mark.parametrize(
-    "request_frame, reason",
-    [
-        (lambda good, files: pd.DataFrame({"picture": [good]}), "needs a column `image`"),
-        (
-            lambda good, files: pd.DataFrame({"image": [good, "not base64 at all!"]}),
-            "row 1: `image` is not valid base64",
-        ),
-        (lambda good, files: pd.DataFrame({"image": [good, None]}), "row 1: `image` must hold a base64-encoded"),
-        (lambda good, files: pd.DataFrame({"image": [encoded(files["text"])]}), "row 0: not a usable chest X-ray"),
-        (lambda good, files: pd.DataFrame({"image": [encoded(files["colour"])]}), "colour image"),
-    ],
-    ids=["no-image-column", "not-base64", "missing-value", "not-an-image", "colour-photo"],
-)
-def test_malformed_request_is_a_400_error_naming_the_reason(classifier, tmp_path, request_frame, reason):
-    good = encoded(write_xrays(tmp_path / "png", 1, tuberculosis=False)[0])
+def test_base64_with_line_breaks_is_accepted(classifier, registered_run, tmp_path):
+    files = write_xrays(tmp_path / "png", 2, tuberculosis=True)
+    wrapped = [base64.encodebytes(path.read_bytes()).decode() for path in files]  # 76 characters a line, as base64
+    assert all("\n" in value.strip() for value in wrapped)
+    wrapped[1] = wrapped[1].replace("\n", "\r\n")  # as from Windows
+    assert_answers(classifier.predict(None, pd.DataFrame({"image": wrapped})), registered_run["best"], files)
+
+
+def odd_uploads(tmp_path: Path) -> dict[str, str]:
     (text := tmp_path / "notes.txt").write_text("patient history, not a picture\n")
     colour = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(colour)
-    with pytest.raises(MlflowException) as raised:
-        classifier.predict(None, request_frame(good, {"text": text, "colour": colour}))
-    assert raised.value.get_http_status_code() == 400
-    assert reason in raised.value.message
+    return {"text": encoded(text), "colour": encoded(colour)}
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        ("not base64 at all!", "`image` is not valid base64"),
+        (None, "`image` must hold a base64-encoded image file"),
+        ("text", "cannot identify image file"),
+        ("colour", "colour image, not a greyscale radiograph"),
+    ],
+    ids=["not-base64", "missing-value", "not-an-image", "colour-photo"],
+)
+def test_an_unusable_row_gets_its_reason_and_every_other_row_its_answer(classifier, registered_run, tmp_path, bad,
+                                                                        reason):  # fmt: skip
+    files = write_xrays(tmp_path / "png", 2, tuberculosis=False)
+    bad = odd_uploads(tmp_path).get(bad, bad)
+    answer = classifier.predict(None, pd.DataFrame({"image": [encoded(files[0]), bad, encoded(files[1])]}))
+    assert_answers(answer.iloc[[0, 2]], registered_run["best"], files)
+    status, p_tb, decision, threshold, *_ = answer.iloc[1]
+    assert status.startswith("unreadable: ") and reason in status
+    assert (p_tb, decision) == (None, None) and threshold == Checkpoint.load(registered_run["best"]).operating_threshold
+
+
+def test_a_request_without_an_image_column_or_over_the_limit_is_a_400_naming_it(classifier, tmp_path):
+    good = encoded(write_xrays(tmp_path / "png", 1, tuberculosis=False)[0])
+    for request, reason in (
+        (pd.DataFrame({"picture": [good]}), "needs a column `image`"),
+        (pd.DataFrame({"image": [good] * (MAX_REQUEST_IMAGES + 1)}), f"at most {MAX_REQUEST_IMAGES} are scored"),
+    ):
+        with pytest.raises(MlflowException) as raised:
+            classifier.predict(None, request)
+        assert raised.value.get_http_status_code() == 400
+        assert reason in raised.value.message
+    assert len(classifier.predict(None, pd.DataFrame({"image": [good] * MAX_REQUEST_IMAGES}))) == MAX_REQUEST_IMAGES
+
+
+def test_a_request_is_decoded_and_scored_one_chunk_at_a_time(classifier, tmp_path, monkeypatch):
+    """A long request never holds more than one chunk of decoded images."""
+    good = encoded(write_xrays(tmp_path / "png", 1, tuberculosis=False)[0])
+    decoded, scored, held = [], [], []
+    monkeypatch.setattr(serving, "image_tensor", lambda *args, **kw: decoded.append(1) or image_tensor(*args, **kw))
+    probabilities = classifier.predictor.probabilities
+
+    def scoring(batch):
+        held.append(len(decoded) - len(scored))  # decoded and not yet scored when this batch is scored
+        scored.extend([1] * len(batch))
+        return probabilities(batch)
+
+    monkeypatch.setattr(classifier.predictor, "probabilities", scoring)
+    count = 2 * CHUNK + 3
+    assert len(classifier.predict(None, pd.DataFrame({"image": [good] * count}))) == count
+    assert held == [CHUNK, CHUNK, 3]
+
+
+def test_exact_float32_is_set_once_and_no_request_switches_it_off_under_another(registered_run, tmp_path):
+    """The scoring server runs requests in threads: request A finishing while B is mid-forward must not
+    restore TF32 under B (a P(TB) differing from the CSV's on an Ampere GPU, silently)."""
+    torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "tf32"  # as on Ampere
+    model = TuberculosisClassifier()
+    model.load_context(
+        PythonModelContext(artifacts={CHECKPOINT_ARTIFACT: str(registered_run["best"])}, model_config={})
+    )
+    assert precision_flags() == ("ieee", "ieee") and not torch.backends.cudnn.benchmark
+    request = pd.DataFrame({"image": [encoded(write_xrays(tmp_path / "png", 1, tuberculosis=False)[0])]})
+    a_in_forward, b_in_forward, a_done = threading.Event(), threading.Event(), threading.Event()
+    seen_by_b = []
+
+    def forward_started(module, args):
+        if threading.current_thread().name == "A":
+            a_in_forward.set()
+            b_in_forward.wait(30)  # A stays in its forward pass until B is in its own
+        else:
+            b_in_forward.set()
+            a_done.wait(30)  # B's forward pass goes on after A has answered
+            seen_by_b.append(precision_flags())
+
+    def request_a():
+        model.predict(None, request)
+        a_done.set()
+
+    def request_b():
+        a_in_forward.wait(30)
+        model.predict(None, request)
+
+    hook = model.predictor.model.register_forward_pre_hook(forward_started)
+    threads = [threading.Thread(target=request_a, name="A"), threading.Thread(target=request_b, name="B")]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        hook.remove()
+    assert a_done.is_set() and seen_by_b == [("ieee", "ieee")]
+    assert precision_flags() == ("ieee", "ieee")
 
 
 def test_unreachable_store_skips_registration_with_one_warning(registered_run, tmp_path, monkeypatch, capsys):
@@ -183,39 +288,84 @@ def wait_until_serving(port: int, process: subprocess.Popen, log: Path) -> None:
     pytest.fail("mlflow models serve did not start:\n" + log.read_text()[-3000:])
 
 
-def test_served_registered_model_answers_real_xrays_and_survives_bad_requests(registered_run, tmp_path):
+@pytest.fixture(scope="module")
+def served(registered_run, tmp_path_factory):
+    """The registered model served by `mlflow models serve` as the trainer's last line says, on a free port."""
     found = SERVE_LINE.search(registered_run["console"])
     assert found, registered_run["console"][-2000:]
     assert found[1] == REGISTERED
     command = found[3].split()  # the command the trainer printed, on a free port
     port = free_port()
     command[command.index("-p") + 1] = str(port)
-    files = xray_files(tmp_path)
+    folder = tmp_path_factory.mktemp("served")
     # Started outside the repository and without PYTHONPATH: the model must bring its own code. As from an
     # activated environment: mlflow starts the `uvicorn` on the PATH.
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_TRACKING_URI"] = registered_run["uri"]
-    log = tmp_path / "serve.log"
+    log = folder / "serve.log"
     with open(log, "w") as output:
         process = subprocess.Popen(
-            command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            command, cwd=folder, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
         wait_until_serving(port, process, log)
-        images = [encoded(path) for path in files]
-        answered = post(port, images)
-        assert answered.status_code == 200, answered.text
-        assert_answers(pd.DataFrame(answered.json()["predictions"]), registered_run["best"], files)
-
-        not_base64 = post(port, ["not base64 at all!"])
-        assert not_base64.status_code == 400
-        assert "`image` is not valid base64" in not_base64.json()["message"]
-        no_column = post(port, body={"dataframe_records": [{"picture": images[0]}]})
-        assert no_column.status_code == 400 and "image" in no_column.json()["message"]
-
-        again = post(port, images)
-        assert again.status_code == 200
-        assert again.json() == answered.json()
+        yield port
     finally:
         stop_process_group(process)
+
+
+def test_served_registered_model_answers_real_xrays_and_survives_bad_requests(served, registered_run, tmp_path):
+    files = xray_files(tmp_path)
+    images = [encoded(path) for path in files]
+    answered = post(served, images)
+    assert answered.status_code == 200, answered.text
+    assert_answers(pd.DataFrame(answered.json()["predictions"]), registered_run["best"], files)
+
+    with_bad_row = post(served, [images[0], "not base64 at all!"])
+    assert with_bad_row.status_code == 200
+    good, bad = with_bad_row.json()["predictions"]
+    alone = answered.json()["predictions"][0]  # scored in another batch: float32 rounding may differ
+    assert good == alone | {"p_tb": pytest.approx(alone["p_tb"], abs=1e-6)}
+    assert bad["status"].startswith("unreadable: `image` is not valid base64") and bad["p_tb"] is None
+    no_column = post(served, body={"dataframe_records": [{"picture": images[0]}]})
+    assert no_column.status_code == 400 and "image" in no_column.json()["message"]
+    too_many = post(served, [images[0]] * (MAX_REQUEST_IMAGES + 1))
+    assert too_many.status_code == 400
+    assert (
+        f"holds {MAX_REQUEST_IMAGES + 1} images; at most {MAX_REQUEST_IMAGES} are scored" in too_many.json()["message"]
+    )
+
+    again = post(served, images)
+    assert again.status_code == 200
+    assert again.json() == answered.json()
+
+
+def test_concurrent_clients_all_get_the_prediction_csvs_answers(served, registered_run, tmp_path):
+    """A bounded load test on 127.0.0.1: 6 clients send 240 requests of 1 to 3 images (among them a colour photo
+    that prediction leaves out); every answer is the prediction CSV's for that file, and none fails."""
+    folder = tmp_path / "images"
+    write_xrays(folder / "Normal", 3, tuberculosis=False, size=40, seed=60)
+    write_xrays(folder / "Tuberculosis", 3, tuberculosis=True, size=40, seed=60)
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / "Normal" / "photo.png")
+    predictions = tmp_path / "predictions.csv"
+    gradcam.main(["--checkpoint", str(registered_run["best"]), "--images", str(folder), "--predictions",
+                  str(predictions), "--num-workers", "0"])  # fmt: skip
+    with open(predictions, newline="") as f:
+        expected = {row["path"]: row for row in csv.DictReader(f)}
+    uploads = {name: encoded(folder / name) for name in expected}
+    plans = [list(rng.choice(sorted(uploads), size=rng.integers(1, 4))) for _ in range(240)]
+    with ThreadPoolExecutor(max_workers=6) as clients:
+        answers = list(clients.map(lambda plan: post(served, [uploads[name] for name in plan]), plans))
+    assert [answer.status_code for answer in answers if answer.status_code != 200] == []
+    for plan, answer in zip(plans, answers):
+        rows = answer.json()["predictions"]
+        assert len(rows) == len(plan)
+        for name, row in zip(plan, rows):
+            assert (row["status"], row["decision"] or "") == (expected[name]["status"], expected[name]["decision"])
+            if row["status"] == "ok":  # the CSV prints 6 decimals
+                assert abs(row["p_tb"] - float(expected[name]["p_tb"])) <= 1e-6
+            else:
+                assert row["p_tb"] is None and expected[name]["p_tb"] == ""
+    assert sum(row["status"] != "ok" for answer in answers for row in answer.json()["predictions"]) > 0

@@ -10,6 +10,8 @@ from pytorch-grad-cam on model.layer4; each map's faithfulness is scored with RO
 (remove-and-debias: confidence change when the least vs the most relevant pixels are
 removed; higher means the map points at what the model really uses), seeded by --seed so
 that a rerun prints the same scores. Captions give P(TB) against the operating threshold.
+Each map's lung share (the share of its mass inside the lung fields that the shipped lung model
+finds on the full picture; a shortcut meter) is in its caption, the index, the console and MLflow.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ from pytorch-grad-cam on model.layer4; each map's faithfulness is scored with RO
 (remove-and-debias: confidence change when the least vs the most relevant pixels are
 removed; higher means the map points at what the model really uses), seeded by --seed so
 that a rerun prints the same scores. Captions give P(TB) against the operating threshold.
+Each map's lung share (the share of its mass inside the lung fields that the shipped lung model
+finds on the full picture; a shortcut meter) is in its caption, the index, the console and MLflow.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from tbcxr.explain import (
     render_grid,
 )
 from tbcxr.layout import discover_dataset, find_class_dirs, labelled_images, list_images
+from tbcxr.lung_share import lung_share_line, lung_share_metrics, lung_share_summary, with_lung_shares
+from tbcxr.lungs import load_lung_model
 from tbcxr.predict import (
     OK,
     Predictor,
@@ -259,6 +263,7 @@ def render_maps(config: GradCamConfig, subjects: list[Subject], explained: list[
             "probability_tuberculosis": round(e.prob_tb, 6), "threshold": round(e.threshold, 6),
             "correct": "" if e.true_label == UNLABELLED else not e.wrong, "cam_target": CLASS_NAMES[e.target],
             "road_score": round(e.road, 6), "file": path.name,
+            "lung_share": None if e.lung_share is None else round(e.lung_share, 4), "lung_fields": e.lung_fields,
         })  # fmt: skip
     counters = {}
     labels = tuple(s.profile.gradcam_label for s in subjects)
@@ -285,6 +290,7 @@ def write_index(config: GradCamConfig, subject: Subject, manifest, explained, ou
         "label": label,
         "mean_road_per_class": mean_road_per_class(explanations),
         "left_out": [{"image": image, "reason": reason} for image, reason in left_out.items()],
+        "lung_share": lung_share_summary(explanations),
         "config": asdict(config),
     }
     csv_path, json_path = output_dir / f"gradcam_index_{label}.csv", output_dir / f"gradcam_index_{label}.json"
@@ -304,10 +310,12 @@ def write_outputs(
     written += index_files
     road = summary["mean_road_per_class"]
     print("Faithfulness (ROAD combined, higher is better): " + ", ".join(f"{n} {s:+.4f}" for n, s in road.items()))
+    print(lung_share_line(summary["lung_share"]))
     wrong = sum(e.wrong for e in explained[0])
     print(f"Wrote {len(written)} files to {output_dir}/ ({wrong} wrong predictions marked)")
     checkpoint = subjects[0].checkpoint
-    print(log_to_training_run(checkpoint.mlflow_run_id, checkpoint.tracking_uri, written))
+    print(log_to_training_run(checkpoint.mlflow_run_id, checkpoint.tracking_uri, written,
+                              lung_share_metrics(summary["lung_share"])))  # fmt: skip
     return {**summary, "files": [str(p) for p in written], "images": rows}
 
 
@@ -337,6 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
     label = subjects[0].profile.gradcam_label
     print(f"GradCAM ({config.method}) for {subjects[0].path} [{label}] on {len(samples)} images, device {device}")
     explained = [explain_subject(config, subject, samples) for subject in subjects]
+    explained = with_lung_shares(load_lung_model(), explained, config.batch_size)
     return result | write_outputs(config, subjects, manifest, explained, left_out, output_dir)
 
 

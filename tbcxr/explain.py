@@ -20,6 +20,7 @@ from .data import XrayDataset, checkpoint_transform
 from .decoding import UNREADABLE_IMAGE_ERRORS
 from .errors import ImageReadError
 from .figures import pyplot, save_figure
+from .lung_share import lung_share_text
 from .metrics import tb_probability
 from .progress import track
 from .runtime import ieee_float32
@@ -110,6 +111,8 @@ class Explanation:
     rgb: np.ndarray
     road: float
     threshold: float  # the operating threshold that turned prob_tb into `predicted`
+    lung_share: float | None = None  # share of the map's mass inside the lungs (lung_share.py); None: n/a
+    lung_fields: str = ""  # how the lungs behind lung_share were found; "": not measured
 
     @property
     def wrong(self) -> bool:
@@ -201,6 +204,7 @@ def caption_lines(e: Explanation) -> list[str]:
         f"True: {label_name(e.true_label)}",
         f"Pred: {CLASS_NAMES[e.predicted]}{'  WRONG' if e.wrong else ''}",
         f"P(TB) {prob} {side} threshold {threshold}",
+        *([lung_share_text(e.lung_share, e.lung_fields)] if e.lung_fields else []),
     ]
 
 

@@ -381,8 +381,8 @@ def metric_histories(tracking_uri: str, run_id: str, keys: tuple[str, ...]) -> d
     return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in keys}
 
 
-def log_to_training_run(run_id: str, uri: str, paths: list[Path]) -> str:
-    """Attach the files to a checkpoint's MLflow run under gradcam/ when its store is reachable."""
+def log_to_training_run(run_id: str, uri: str, paths: list[Path], metrics: dict[str, float] | None = None) -> str:
+    """Attach the files to a checkpoint's MLflow run under gradcam/, and log the metrics, when its store is reached."""
     if not run_id or not uri:
         return "checkpoint names no MLflow run; files written locally only"
     if not store_reachable(uri):
@@ -397,4 +397,7 @@ def log_to_training_run(run_id: str, uri: str, paths: list[Path]) -> str:
         return f"run {run_id} is not in {uri}; files written locally only"
     for path in paths:
         client.log_artifact(run_id, str(path), artifact_path="gradcam")
-    return f"logged {len(paths)} files to MLflow run {run_id} ({uri}) under gradcam/"
+    for name, value in (metrics or {}).items():
+        client.log_metric(run_id, name, value)
+    logged_metrics = f", metrics {', '.join(metrics)}" if metrics else ""
+    return f"logged {len(paths)} files to MLflow run {run_id} ({uri}) under gradcam/{logged_metrics}"

@@ -227,7 +227,7 @@ def samples_to_explain(config: GradCamConfig, subject: Subject, scored) -> list[
     rows, labels = scored
     readable = [row for row in rows if row.status == OK]
     if config.chosen_maps == "top":
-        readable = sorted(readable, key=lambda row: -row.p_tb)[: config.num_images]
+        readable = sorted(readable, key=lambda row: -row.log_odds)[: config.num_images]  # P(TB) ties past ~37
     return [(str(row.path), labels[str(row.path)]) for row in readable]
 
 
@@ -250,7 +250,7 @@ def render_maps(config: GradCamConfig, subjects: list[Subject], explained: list[
         written.append(path)
         rows.append({
             "image": e.path, "true_label": label_name(e.true_label), "predicted_label": CLASS_NAMES[e.predicted],
-            "probability_tuberculosis": round(e.prob_tb, 6), "threshold": round(e.threshold, 6),
+            "probability_tuberculosis": e.prob_tb, "log_odds": e.log_odds, "threshold_log_odds": e.threshold,
             "correct": "" if e.true_label == UNLABELLED else not e.wrong, "cam_target": CLASS_NAMES[e.target],
             "road_score": round(e.road, 6), "file": path.name,
         })  # fmt: skip

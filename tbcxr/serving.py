@@ -27,6 +27,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from tbcxr.config import CLASS_NAMES
+from tbcxr.metrics import probability_of
 from tbcxr.predict import Predictor, UnusableImage, image_tensor
 from tbcxr.runtime import resolve_device
 
@@ -79,12 +80,12 @@ class TuberculosisClassifier(mlflow.pyfunc.PythonModel):
         predictor, values = self.predictor, list(model_input[IMAGE_COLUMN])
         tensors = [decoded_image(row, value, predictor.transform) for row, value in enumerate(values)]
         batches = [torch.stack(tensors[i : i + BATCH_SIZE]) for i in range(0, len(tensors), BATCH_SIZE)]
-        probs = np.concatenate([predictor.probabilities(batch) for batch in batches]) if tensors else np.zeros(0)
+        scores = np.concatenate([predictor.log_odds(batch) for batch in batches]) if tensors else np.zeros(0)
         return pd.DataFrame(
             {
-                "p_tb": probs.astype(np.float64),
-                "decision": [CLASS_NAMES[int(called)] for called in predictor.decisions(probs)],
-                "threshold": predictor.threshold,
+                "p_tb": probability_of(scores),
+                "decision": [CLASS_NAMES[int(called)] for called in predictor.decisions(scores)],
+                "threshold": predictor.threshold_probability,
                 "operating_point": predictor.operating_point,
                 "model_version": predictor.digest,
             },

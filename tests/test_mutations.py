@@ -20,7 +20,8 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 from sklearn.utils import resample
 
 import resnet50_tb_full as trainer
-from tbcxr.evaluation import evaluation_report, paired_auc_difference
+from tbcxr.comparison import paired_auc_difference
+from tbcxr.evaluation import evaluation_report
 
 
 def error_of(argv: list[str]) -> str:

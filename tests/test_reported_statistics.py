@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 
 import resnet50_tb_full as trainer
 from tbcxr.checkpoint import Checkpoint
-from tbcxr.evaluation import paired_auc_difference, predict_checkpoint
+from tbcxr.comparison import paired_auc_difference
+from tbcxr.evaluation import predict_checkpoint
 from tbcxr.metrics import classification_metrics, format_p_value, select_thresholds
 
 

@@ -339,9 +339,10 @@ def operating_points(val_results: dict, calibrate: bool) -> dict:
     }
 
 
-def too_few_for_operating_points(counts: dict[str, int], minimum: int = MINIMUM_VALIDATION_PER_CLASS) -> str:
+def too_few_for_operating_points(counts: dict[str, int]) -> str:
     """Why operating points and calibration fitted on validation images of these class counts are unreliable
-    ("" when every class has at least `minimum`)."""
+    ("" when every class has at least MINIMUM_VALIDATION_PER_CLASS)."""
+    minimum = MINIMUM_VALIDATION_PER_CLASS
     short = {name: n for name, n in counts.items() if n < minimum}
     if not short:
         return ""

@@ -60,7 +60,7 @@ from tbcxr.predict import (
     summary_line,
 )
 from tbcxr.runtime import resolve_device
-from tbcxr.split import held_out_samples, manifest_beside
+from tbcxr.split import held_out_samples, leave_out_site_sample, manifest_beside
 from tbcxr.tracking import log_to_training_run
 
 
@@ -203,6 +203,8 @@ def predict_images(config: GradCamConfig, subject: Subject) -> tuple[list[Scored
     for; and the true label of each file (from its class folder or the split)."""
     if config.images:
         files, base = find_files(config.images)
+        kept = leave_out_site_sample([(str(f), 0) for f in files], subject.checkpoint, config.num_workers, "--images")
+        files = [Path(path) for path, _ in kept]  # a site checkpoint never scores the sample it was fitted on
         labels = {str(f): label_from_folder(f) for f in files}
     else:
         labels = dict(test_samples(config, subject.path, subject.checkpoint))
@@ -223,6 +225,8 @@ def samples_to_explain(config: GradCamConfig, subject: Subject, scored) -> list[
         return []
     if scored is None:
         samples = samples_from_paths(config.images) if config.images else None
+        if samples:
+            samples = leave_out_site_sample(samples, subject.checkpoint, config.num_workers, "--images")
         return samples or first_per_class(test_samples(config, subject.path, subject.checkpoint), config.num_images)
     rows, labels = scored
     readable = [row for row in rows if row.status == OK]

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from scipy.stats import binomtest
 
+import resnet50_gradcam_tb_full as gradcam
 import resnet50_tb_full as trainer
 from tbcxr import site
 from tbcxr.checkpoint import Checkpoint
@@ -336,3 +337,10 @@ def test_a_site_checkpoint_is_never_tested_on_its_own_sample_nor_overwritten_by_
     assert "Left out 40 of 46 images" in out and "site sample clinic" in out
     assert "Operating points chosen on site sample clinic (20 Normal and 20 Tuberculosis)" in out
     assert {path: sha256(path) for path in fitting_files} == before
+    # Prediction with the site checkpoint leaves its sample out too, and says so.
+    gradcam.main(["--checkpoint", str(site_path), "--images", str(sample), "--predictions", str(tmp_path / "p.csv"),
+                  "--device", "cpu", "--num-workers", "0"])  # fmt: skip
+    with open(tmp_path / "p.csv") as f:
+        predicted = sorted(row["path"] for row in csv.DictReader(f))
+    assert predicted == sorted(f"{label}/new_img_00{i}.png" for label in ("Normal", "Tuberculosis") for i in range(3))
+    assert "Left out 40 of 46 images of --images" in capsys.readouterr().out

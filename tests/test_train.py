@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from functools import partial
@@ -91,9 +92,12 @@ def test_two_epochs_write_every_checkpoint_summary_and_mlflow_run(tmp_path, orga
     samples = manifest_samples(read_json(ckpt_dir / "split_manifest.json"), "test")
     labels, probs = predict_checkpoint(model_checkpoint, samples, torch.device("cpu"), 16, 0)
     at_point = classification_metrics(labels, probs, threshold)
-    assert model_checkpoint.recommended_operating_point == "youden" and threshold != 0.5
+    assert model_checkpoint.recommended_operating_point == "youden" and threshold != 0.0  # log-odds 0: P(TB) 0.5
+    p_tb = 1 / (1 + math.exp(-threshold))
+    chosen_on = model_checkpoint.operating_points_chosen_on_text
+    assert chosen_on.startswith("validation (") and "Tuberculosis)" in chosen_on
     assert (
-        f"Test Results at Youden's J (threshold {threshold:.4f}, chosen on validation) - "
+        f"Test Results at Youden's J (log-odds {threshold!r} (P(TB) {p_tb:.6g}), chosen on {chosen_on}) - "
         f"Accuracy: {at_point['accuracy']:.4f}, F1: {at_point['f1']:.4f}, Sensitivity: {at_point['sensitivity']:.4f}, "
         f"Specificity: {at_point['specificity']:.4f}, AUC: {at_point['auc']:.4f}"
     ) in out.splitlines()

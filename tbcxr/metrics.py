@@ -21,8 +21,6 @@ WHO_TRIAGE_MIN_SPECIFICITY = 0.70
 THRESHOLD_NAMES = {"default": "0.5", "youden": "Youden's J", "who_triage": "WHO triage"}
 DEFAULT_THRESHOLD = 0.0  # log-odds 0 is P(TB) 0.5
 CONFIDENCE = 0.95
-# Proportions and the images each is counted over: (numerator class, predicted class) pairs, see proportion_counts.
-PROPORTIONS = ("accuracy", "sensitivity", "specificity", "precision", "npv")
 # Below this many validation images of a class, operating points and calibration rest on too few images to
 # trust: at 20 TB images all called TB, the Wilson interval of the sensitivity is [0.84, 1.00].
 MINIMUM_VALIDATION_PER_CLASS = 20
@@ -47,7 +45,7 @@ def threshold_metrics(labels, preds) -> dict[str, float]:
 
 
 def proportion_counts(labels, preds) -> dict[str, tuple[int, int]]:
-    """{proportion: (successes, trials)}: what each of PROPORTIONS is counted over."""
+    """{proportion: (successes, trials)} of accuracy, sensitivity, specificity, precision (PPV) and NPV."""
     labels, preds = np.asarray(labels), np.asarray(preds)
     tb, called = labels == POSITIVE_CLASS, preds == POSITIVE_CLASS
     return {

@@ -154,8 +154,8 @@ def explain(
     for chunk, (batch, _) in track(zip(batches, loader), method, total=len(loader), unit="batch", noun="batches"):
         batch = batch.to(device)
         with torch.no_grad(), ieee_float32():  # log-odds as prediction and --test-only compute them
-            scores = tb_log_odds(model(batch), checkpoint.state.calibration)
-        probs, predicted = probability_of(scores), (scores >= threshold).astype(int)
+            log_odds = tb_log_odds(model(batch), checkpoint.state.calibration)
+        probs, predicted = probability_of(log_odds), (log_odds >= threshold).astype(int)
         targets = [int(p) if target == "predicted" else CLASS_NAMES.index(target.capitalize()) for p in predicted]
         maps = compute_cams(model, target_layer, batch, targets, method)
         scores = faithfulness(model, batch, maps, targets, seed) if score_faithfulness else np.full(len(chunk), np.nan)
@@ -165,7 +165,7 @@ def explain(
                     path=str(path),
                     true_label=label,
                     prob_tb=float(probs[i]),
-                    log_odds=float(scores[i]),
+                    log_odds=float(log_odds[i]),
                     predicted=int(predicted[i]),
                     target=targets[i],
                     cam=maps[i],

@@ -150,8 +150,8 @@ def test_operating_point_sets_the_threshold_and_unknown_names_are_listed(trained
 
     rows = predict(trained_run["best"], new_site / "Normal", tmp_path / "p.csv", "--operating-point", "who_triage")
 
-    assert {(r["threshold"], r["operating_point"]) for r in rows.values()} == {
-        (f"{thresholds['who_triage']:.6f}", "who_triage")
+    assert {(float(r["threshold_log_odds"]), r["operating_point"]) for r in rows.values()} == {
+        (thresholds["who_triage"], "who_triage")
     }
     assert all(r["decision"] == ("Tuberculosis" if float(r["log_odds"]) >= thresholds["who_triage"] else "Normal")
                for r in rows.values())  # fmt: skip

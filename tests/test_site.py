@@ -150,7 +150,12 @@ def test_tables_and_plot_say_what_they_show(tmp_path):
     assert f"| {YOUDEN:.4f} ({p_of(YOUDEN):.4g}) | site Youden's J |" in markdown
 
     assert_both_curves_and_bands(
-        site_threshold_figure(rows, {"youden": YOUDEN, "who_triage": WHO}, tmp_path / "site.png", "hand")
+        site_threshold_figure(
+            rows,
+            {name: row["threshold"] for name, row in site.refitted_rows(rows).items()},
+            tmp_path / "site.png",
+            "hand",
+        )
     )
 
 

@@ -104,7 +104,13 @@ def test_two_epochs_write_every_checkpoint_summary_and_mlflow_run(tmp_path, orga
     assert out.index("Test Results - ") < out.index("Test Results at Youden's J")
     written = json.loads((ckpt_dir / "summary.json").read_text())
     recorded = written["test_metrics_at_operating_point"]
-    assert recorded["name"] == "youden" and recorded["threshold"] == threshold
+    assert recorded["name"] == "youden" and recorded["threshold_log_odds"] == threshold
+    assert recorded["threshold_p_tb"] == pytest.approx(p_tb, rel=1e-12)
+    assert recorded["validation_counts"] == model_checkpoint.state.validation_counts
+    assert (
+        recorded["intervals"]["sensitivity"]["method"] == "wilson"
+        and recorded["intervals"]["auc"]["method"] == "newcombe"
+    )
     for key in ("accuracy", "f1", "sensitivity", "specificity", "auc"):
         assert recorded[f"test_{key}"] == pytest.approx(at_point[key], abs=1e-6), key
     assert set(written["test_metrics"]) >= {

@@ -67,7 +67,7 @@ from tbcxr.predict import (
     summary_line,
 )
 from tbcxr.runtime import resolve_device
-from tbcxr.split import held_out_samples, manifest_beside
+from tbcxr.split import held_out_samples, leave_out_site_sample, manifest_beside
 from tbcxr.tracking import log_to_training_run
 
 
@@ -210,6 +210,8 @@ def predict_images(config: GradCamConfig, subject: Subject) -> tuple[list[Scored
     for; and the true label of each file (from its class folder or the split)."""
     if config.images:
         files, base = find_files(config.images)
+        kept = leave_out_site_sample([(str(f), 0) for f in files], subject.checkpoint, config.num_workers, "--images")
+        files = [Path(path) for path, _ in kept]  # a site checkpoint never scores the sample it was fitted on
         labels = {str(f): label_from_folder(f) for f in files}
     else:
         labels = dict(test_samples(config, subject.path, subject.checkpoint))
@@ -231,13 +233,15 @@ def samples_to_explain(config: GradCamConfig, subject: Subject, scored) -> tuple
         return [], {}
     if scored is None:
         samples = samples_from_paths(config.images) if config.images else None
+        if samples:
+            samples = leave_out_site_sample(samples, subject.checkpoint, config.num_workers, "--images")
         samples = samples or first_per_class(test_samples(config, subject.path, subject.checkpoint), config.num_images)
         return screen_samples(samples, subject.predictor.transform)
     rows, labels = scored
     readable = [row for row in rows if row.status == OK]
     left_out = {str(row.path): left_out_reason(row.status) for row in rows if row.status != OK}
     if config.chosen_maps == "top":
-        readable = sorted(readable, key=lambda row: -row.p_tb)[: config.num_images]
+        readable = sorted(readable, key=lambda row: -row.log_odds)[: config.num_images]  # P(TB) ties past ~37
     return [(str(row.path), labels[str(row.path)]) for row in readable], left_out
 
 
@@ -260,7 +264,7 @@ def render_maps(config: GradCamConfig, subjects: list[Subject], explained: list[
         written.append(path)
         rows.append({
             "image": e.path, "true_label": label_name(e.true_label), "predicted_label": CLASS_NAMES[e.predicted],
-            "probability_tuberculosis": round(e.prob_tb, 6), "threshold": round(e.threshold, 6),
+            "probability_tuberculosis": e.prob_tb, "log_odds": e.log_odds, "threshold_log_odds": e.threshold,
             "correct": "" if e.true_label == UNLABELLED else not e.wrong, "cam_target": CLASS_NAMES[e.target],
             "road_score": round(e.road, 6), "file": path.name,
             "lung_share": None if e.lung_share is None else round(e.lung_share, 4), "lung_fields": e.lung_fields,

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tbcxr import evaluation, runtime
+from tbcxr import comparison, evaluation, runtime
+from tbcxr import training as stages
 from tbcxr.checkpoint import Checkpoint, read_json
 from tbcxr.config import LAST_CHECKPOINT_NAME, MANIFEST_NAME, add_dataclass_arguments, refuse_inside
 from tbcxr.data import LoaderSettings, PreparationSettings, make_loaders, prepare_manifest
@@ -32,14 +33,14 @@ from tbcxr.demo import DEMO_DATA_DIR, make_demo_dataset
 from tbcxr.errors import ConfigurationError, FlagError, NonFiniteLossError, TrainingError, exits_on_error
 from tbcxr.metrics import (
     SELECTION_WINDOWS,
-    THRESHOLD_NAMES,
     Calibration,
     classification_metrics,
     format_results,
     operating_points,
+    probability_of,
     scalar_metrics,
     selection_score,
-    tb_probability,
+    tb_log_odds,
 )
 from tbcxr.model import (
     build_model,
@@ -145,8 +146,9 @@ def evaluate(
         gathered = runtime.gather_shards(stacked, dist, total).cpu()
         logits, labels = gathered[:, :-1], gathered[:, -1].long().numpy()
         loss = float(nn.functional.cross_entropy(logits, torch.as_tensor(labels)))
-    probs = tb_probability(logits, calibration).numpy()
-    return {"loss": loss, **classification_metrics(labels, probs), "labels": labels, "logits": logits, "probs": probs}
+    scores = tb_log_odds(logits, calibration)  # float64: a float32 P(TB) ties every image past log-odds ~17
+    results = {"loss": loss, **classification_metrics(labels, scores), "labels": labels, "logits": logits}
+    return results | {"scores": scores, "probs": probability_of(scores)}
 
 
 # --------------------------------------------------------------------------- the run's stages
@@ -282,7 +284,7 @@ def train_and_validate(run: Run, loaders: tuple, val_images: int, epoch: int) ->
     # Every checkpoint carries the operating points of its own weights, fitted on this epoch's validation.
     points = operating_points(val_results, config.temperature_scaling)
     state.thresholds, state.calibration = points["thresholds"], points["calibration"]
-    state.operating_points_epoch = epoch
+    state.operating_points_epoch, state.validation_counts = epoch, points["validation_counts"]
     window = min(SELECTION_WINDOWS[config.selection], config.epochs)
     score = selection_score(state.history, window)
     improved = score > state.best_score
@@ -337,12 +339,7 @@ def finish(run: Run, test_loader, test_images: int) -> dict:
         print(f"P(TB) calibrated on validation by Platt scaling: sigmoid({calibration.scale:.4f} x (logit_TB - "
               f"logit_Normal) {calibration.bias:+.4f})")  # fmt: skip
     print(format_results("Test", test_results))
-    name, threshold = best.recommended_operating_point, best.operating_threshold
-    at_point = classification_metrics(test_results["labels"], test_results["probs"], threshold)
-    print(
-        format_results("Test", at_point, f"{THRESHOLD_NAMES[name]} (threshold {threshold:.4f}, chosen on validation)")
-    )
-    at_point = {"name": name, "threshold": threshold, **scalar_metrics(at_point, "test")}
+    at_point = stages.test_at_operating_point(best, test_results["labels"], test_results["scores"])
     summary = run.record_test(best.state.best_epoch, test_results, at_point)
     run.state.completed = True
     run.save(run.last_path)
@@ -376,7 +373,7 @@ def scoring(config: TrainConfig) -> evaluation.Scoring:
 def main(argv: list[str] | None = None) -> dict:
     config, recipe_reason = parse_config(argv)
     if config.compare:
-        return evaluation.compare_checkpoints(config.compare, config.data_dir, scoring(config), config.tracking_uri)
+        return comparison.compare_checkpoints(config.compare, config.data_dir, scoring(config), config.tracking_uri)
     if config.test_only:
         site_prevalence = config.prevalence if config.site_thresholds else None
         return evaluation.run_test_only(
@@ -387,6 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
     manifest, loaders = prepare_data(config, dist, device, resumed)
     if config.prepare_only:  # the data report is printed: stop before any model is built
         return manifest
+    stages.check_validation_size(config.temperature_scaling, [label for _, label in manifest["val"]])
     training = build_training(config, dist, device, [label for _, label in manifest["train"]], resumed is not None)
     print_header(config, recipe_reason, manifest, training, device, dist)
     run = Run(config, dist, training, split_digest(manifest))

@@ -16,7 +16,8 @@
     checkpoint    atomic writes, JSON, the typed Checkpoint: load, save, operating point, profile, model
     training      one run: what trains it (Training) and what changes as it goes (Run), checkpoints, summary
     metrics       metrics, bootstrap, operating points, P(TB) and its calibration
-    evaluation    --test-only and --compare: scoring, reports, the paired test
+    evaluation    --test-only: scoring, reports, intervals, where the operating points came from
+    comparison    --compare: two checkpoints on the same images, the paired test
     figures       every plot, one save helper
     tracking      MLflow: store choice, runs, offline queue, model logging
     demo          synthetic X-rays for --demo

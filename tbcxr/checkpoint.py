@@ -8,6 +8,7 @@ file, typed: this module is the only one that knows the dict's keys.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -17,13 +18,17 @@ from torch import nn
 
 from .config import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, Profile, profile_for
 from .errors import CheckpointError
-from .metrics import Calibration
+from .metrics import Calibration, log_odds_of
 from .model import build_model, count_trainable
 from .runtime import ctrl_c_held
 
-# 2: P(TB)'s calibration is a scale and a bias (`calibration`); 1 stored a softmax temperature T (scale 1/T, no bias).
-CHECKPOINT_FORMAT = 2
-READABLE_FORMATS = (1, 2)
+# 3: thresholds are calibrated log-odds (an image is TB when scale x d + bias >= t), and validation_counts records
+# the images they were chosen on; 2 stored P(TB) thresholds; 1 also a softmax temperature T (scale 1/T, no bias).
+CHECKPOINT_FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
+# A format 1-2 P(TB) threshold was compared with a float32 softmax P(TB) = 1 / (1 + exp(-d)), which is 1.0 once
+# the float32 sum 1 + exp(-d) rounds to 1, exp(-d) < 2**-24: d >= 24 ln 2. A stored 1.0 meant "TB from there".
+FLOAT32_SATURATION_LOG_ODDS = 24 * math.log(2)
 RECOMMENDED_OPERATING_POINT = "youden"  # chosen on validation; "default" (0.5) until an epoch has been validated
 
 
@@ -62,10 +67,11 @@ class RunState:
     history: list = field(default_factory=list)
     train_seconds: float = 0.0
     completed: bool = False
-    thresholds: dict = field(default_factory=lambda: {"default": 0.5})  # operating point name -> P(TB) threshold
+    thresholds: dict = field(default_factory=lambda: {"default": 0.0})  # operating point name -> log-odds threshold
     calibration: Calibration = field(default_factory=Calibration)  # how P(TB) is read from the logits
     operating_points_epoch: int = 0  # the epoch whose weights and validation the thresholds come from
     peak_memory_mb: float = 0.0
+    validation_counts: dict = field(default_factory=dict)  # class name -> validation images the points rest on
 
 
 def run_state(saved: dict) -> RunState:
@@ -76,7 +82,15 @@ def run_state(saved: dict) -> RunState:
         values["calibration"] = Calibration(scale=1.0 / saved["temperature"])
     elif "calibration" in saved:
         values["calibration"] = Calibration(**saved["calibration"])
+    if saved["format"] < 3 and "thresholds" in saved:
+        values["thresholds"] = {name: threshold_log_odds(p) for name, p in saved["thresholds"].items()}
     return RunState(**values)
+
+
+def threshold_log_odds(probability: float) -> float:
+    """A format 1-2 P(TB) threshold as the log-odds threshold that decides alike (but for float32 rounding
+    within an ulp of it)."""
+    return FLOAT32_SATURATION_LOG_ODDS if probability >= 1.0 else float(log_odds_of(probability))
 
 
 @dataclass
@@ -226,5 +240,21 @@ class Checkpoint:
 
     @property
     def operating_threshold(self) -> float:
-        """The P(TB) threshold predictions use: Youden's J from validation when stored, else 0.5."""
+        """The log-odds threshold predictions use: Youden's J from validation when stored, else 0 (P(TB) 0.5)."""
         return float(self.state.thresholds[self.recommended_operating_point])
+
+    @property
+    def operating_points_chosen_on(self) -> dict:
+        """Where the operating points come from ("validation" or the site sample) and the images of each class
+        they rest on (empty when a checkpoint older than format 3 does not record them)."""
+        if self.site is not None:
+            counts = {name: self.site[name] for name in self.class_names if name in self.site}
+            return {"sample": f"site sample {self.site.get('name', '?')}", "class_counts": counts}
+        return {"sample": "validation", "class_counts": dict(self.state.validation_counts)}
+
+    @property
+    def operating_points_chosen_on_text(self) -> str:
+        """E.g. 'validation (20 Normal and 4 Tuberculosis)'."""
+        chosen = self.operating_points_chosen_on
+        counts = " and ".join(f"{n} {name}" for name, n in chosen["class_counts"].items())
+        return f"{chosen['sample']} ({counts or 'image counts not recorded'})"

@@ -1,39 +1,41 @@
-"""--test-only and --compare: score checkpoints on held-out images and write reports.
+"""--test-only: score a checkpoint on held-out images and write its report (tbcxr.comparison: --compare).
 
-Every metric is reported with a seeded, stratified 95% bootstrap interval at the operating
-points stored in the checkpoint; a comparison scores both checkpoints on the same images and
-tests the AUC difference with a paired bootstrap.
+Every metric is reported at the operating points stored in the checkpoint (log-odds thresholds) with a
+95% interval: Wilson for proportions (sensitivity, specificity, accuracy, precision/PPV, NPV; as the site
+table), Newcombe's for the AUC (right at 1.0), a seeded, stratified bootstrap for the rest.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint, read_json, write_json
-from .config import CLASS_NAMES, FULL_TRAINING, SUMMARY_NAME
+from .checkpoint import Checkpoint, write_json
 from .errors import DataError
-from .figures import comparison_roc_figure, gradcam_row, save_evaluation_figures, training_curves_figure
+from .figures import save_evaluation_figures, training_curves_figure
 from .layout import discover_dataset
 from .metrics import (
-    THRESHOLD_FREE_METRICS,
     THRESHOLD_NAMES,
     WHO_TRIAGE_MIN_SPECIFICITY,
     WHO_TRIAGE_SENSITIVITY,
-    bootstrap_indices,
     bootstrap_metrics,
+    class_counts,
     classification_metrics,
     expected_calibration_error,
-    format_p_value,
     format_results,
+    format_threshold,
+    probability_of,
+    proportion_counts,
+    shown,
     with_intervals,
 )
 from .predict import left_out_listing, screened_scores, write_labelled_predictions
 from .site import fit_site_thresholds, refuse_small_sample
-from .split import held_out_samples, refuse_trained_on
+from .split import held_out_samples, pixel_hashes
 from .tracking import log_evaluation_run, metric_histories, resolve_tracking_uri
 
 REPORT_METRICS = (
@@ -43,6 +45,7 @@ REPORT_METRICS = (
     "sensitivity",
     "specificity",
     "precision",
+    "npv",
     "auc",
     "average_precision",
 )
@@ -60,41 +63,41 @@ class Scoring:
 
 
 def predict_checkpoint(checkpoint: Checkpoint, samples, device, batch_size: int, num_workers: int, path=""):
-    """Labels and (calibrated) TB probabilities of every sample (screened_scores); an error naming the files the
-    screening rule leaves out, where every sample must be scored."""
-    _, labels, probs, left_out = screened_scores(checkpoint, samples, device, batch_size, num_workers, path)
+    """Labels and calibrated log-odds of TB (float64) of every sample (screened_scores: the predictor, transform
+    and screening rule that batch prediction and serving use); an error naming the files the screening rule
+    leaves out, where every sample must be scored."""
+    _, labels, scores, left_out = screened_scores(checkpoint, samples, device, batch_size, num_workers, path)
     if left_out:
         raise DataError(f"error: {len(left_out)} images cannot be scored: {left_out_listing(left_out)}")
-    return labels, probs
+    return labels, scores
 
 
-def evaluation_report(labels, probs, thresholds: dict[str, float], resamples: int, seed: int) -> dict:
-    """Every metric with a 95% bootstrap CI at each stored threshold, plus calibration."""
+def evaluation_report(labels, scores, thresholds: dict[str, float], resamples: int, seed: int) -> dict:
+    """Every metric with a 95% interval at each stored log-odds threshold (Wilson for proportions, Newcombe
+    for the AUC, bootstrap for the rest), plus the calibration of P(TB)."""
     from sklearn.metrics import brier_score_loss, confusion_matrix
 
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
     report = {
         "n_images": int(len(labels)),
-        "class_counts": {name: int((labels == i).sum()) for i, name in enumerate(CLASS_NAMES)},
+        "class_counts": class_counts(labels),
         "bootstrap_resamples": resamples,
+        "intervals": "95%: Wilson (proportions), Newcombe 2006 method 5 (AUC), stratified percentile bootstrap (rest)",
         "thresholds": {},
     }
-    draws = bootstrap_metrics(labels, probs, thresholds, resamples, seed)
+    draws = bootstrap_metrics(labels, scores, thresholds, resamples, seed)
     for name, threshold in thresholds.items():
-        point = classification_metrics(labels, probs, threshold)
-        matrix = confusion_matrix(labels, (probs >= threshold).astype(int), labels=[0, 1])
+        point = classification_metrics(labels, scores, threshold)
+        called = (scores >= threshold).astype(int)
         report["thresholds"][name] = {
-            "threshold": threshold,
-            "metrics": with_intervals(point, draws[name]),
-            "confusion_matrix": matrix.tolist(),
+            "threshold": threshold,  # log-odds
+            "threshold_p_tb": float(probability_of(threshold)),
+            "metrics": with_intervals(point, draws[name], proportion_counts(labels, called)),
+            "confusion_matrix": confusion_matrix(labels, called, labels=[0, 1]).tolist(),
         }
     if "who_triage" in report["thresholds"]:
-        metrics = report["thresholds"]["who_triage"]["metrics"]
-        report["who_triage"] = {
-            "sensitivity": metrics["sensitivity"]["value"],
-            "specificity": metrics["specificity"]["value"],
-            "meets_sensitivity_target": metrics["sensitivity"]["value"] >= WHO_TRIAGE_SENSITIVITY,
-            "meets_minimum_specificity": metrics["specificity"]["value"] >= WHO_TRIAGE_MIN_SPECIFICITY,
-        }
+        report["who_triage"] = who_triage_verdict(report["thresholds"]["who_triage"]["metrics"])
+    probs = probability_of(scores)
     report["calibration"] = {
         "brier_score": float(brier_score_loss(labels, probs)),
         "expected_calibration_error": expected_calibration_error(labels, probs),
@@ -102,69 +105,98 @@ def evaluation_report(labels, probs, thresholds: dict[str, float], resamples: in
     return report
 
 
+def who_triage_verdict(metrics: dict[str, dict]) -> dict:
+    """Whether the WHO triage targets are met, judged on the lower 95% Wilson bounds (what the sample
+    supports), with the point estimates beside them."""
+    sensitivity, specificity = metrics["sensitivity"], metrics["specificity"]
+    return {
+        "sensitivity": sensitivity["value"],
+        "sensitivity_ci_low": sensitivity["ci_low"],
+        "specificity": specificity["value"],
+        "specificity_ci_low": specificity["ci_low"],
+        "meets_sensitivity_target": bool(sensitivity["ci_low"] >= WHO_TRIAGE_SENSITIVITY),
+        "meets_minimum_specificity": bool(specificity["ci_low"] >= WHO_TRIAGE_MIN_SPECIFICITY),
+        "judged_on": "lower bounds of the 95% Wilson intervals",
+    }
+
+
 def format_interval(entry: dict) -> str:
-    return f"{entry['value']:.4f} [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
+    """value [low, high] ("n/a" where undefined), "*" when the bootstrap behind it was degenerate."""
+    degenerate = "*" if entry.get("method") == "bootstrap (degenerate)" else ""
+    return f"{shown(entry['value'])} [{shown(entry['ci_low'])}, {shown(entry['ci_high'])}]{degenerate}"
 
 
 def print_report(report: dict) -> None:
     names = list(report["thresholds"])
-    print(
-        f"{'metric (95% CI)':<20}"
-        + "".join(
-            f"{THRESHOLD_NAMES.get(n, n) + ' t=' + format(report['thresholds'][n]['threshold'], '.3f'):<28}"
-            for n in names
-        )
-    )
+    for n in names:
+        entry = report["thresholds"][n]
+        print(f"{THRESHOLD_NAMES.get(n, n)}: TB when {format_threshold(entry['threshold'])} is reached")
+    print(f"{'metric (95% CI)':<20}" + "".join(f"{THRESHOLD_NAMES.get(n, n):<28}" for n in names))
     for metric in REPORT_METRICS:
         print(
             f"{metric:<20}"
             + "".join(f"{format_interval(report['thresholds'][n]['metrics'][metric]):<28}" for n in names)
         )
+    print(f"Intervals {report['intervals']}; * a degenerate bootstrap (every resample gave one value)")
     if "who_triage" in report:
         who = report["who_triage"]
         print(
-            f"WHO triage point: sensitivity {who['sensitivity']:.4f} "
-            f"(target 0.90 met: {who['meets_sensitivity_target']}), "
-            f"specificity {who['specificity']:.4f} (WHO minimum 0.70 met: {who['meets_minimum_specificity']})"
+            f"WHO triage point: sensitivity {shown(who['sensitivity'])} (95% lower bound "
+            f"{shown(who['sensitivity_ci_low'])}; target 0.90 met: {who['meets_sensitivity_target']}), specificity "
+            f"{shown(who['specificity'])} (lower bound {shown(who['specificity_ci_low'])}; WHO minimum 0.70 met: "
+            f"{who['meets_minimum_specificity']}), judged on the lower bounds"
         )
     calibration = report["calibration"]
     print(f"Calibration: Brier {calibration['brier_score']:.4f}, ECE {calibration['expected_calibration_error']:.4f}")
 
 
 def report_metrics(report: dict) -> dict[str, float]:
+    """The report as flat MLflow metrics; undefined (NaN) values and bounds are left out, never logged as 0."""
     flat = {}
     for name, entry in report["thresholds"].items():
         flat[f"{name}_threshold"] = entry["threshold"]  # every number beside the threshold that produced it
+        flat[f"{name}_threshold_p_tb"] = entry["threshold_p_tb"]
         for metric, value in entry["metrics"].items():
             flat |= {
                 f"{name}_{metric}": value["value"],
                 f"{name}_{metric}_ci_low": value["ci_low"],
                 f"{name}_{metric}_ci_high": value["ci_high"],
             }
-    return flat | report["calibration"]
+    return {k: v for k, v in (flat | report["calibration"]).items() if np.isfinite(v)}
 
 
 def score_checkpoint(checkpoint: Checkpoint, samples, scoring: Scoring, path: Path | str = ""):
-    """Labels, probabilities and the full evaluation report of one checkpoint on labelled samples."""
-    labels, probs = predict_checkpoint(
+    """Labels, log-odds and the full evaluation report of one checkpoint on labelled samples."""
+    labels, scores = predict_checkpoint(
         checkpoint, samples, scoring.device, scoring.batch_size, scoring.num_workers, path
     )
-    return labels, probs, evaluation_report(labels, probs, checkpoint.state.thresholds, scoring.resamples, scoring.seed)
+    report = evaluation_report(labels, scores, checkpoint.state.thresholds, scoring.resamples, scoring.seed)
+    return labels, scores, report | {"operating_points_chosen_on": checkpoint.operating_points_chosen_on}
+
+
+def evaluation_prefix(checkpoint_path: Path, data_dir: str) -> Path:
+    """Where an evaluation's files go: beside the checkpoint, named after it, the data folder's name and a
+    digest of its full path, so that no run overwrites another checkpoint's, or another folder's of the
+    same name. Without a data folder: the split's test side."""
+    name = Path(data_dir).resolve().name if data_dir else "split_test"  # not "test": a folder may be named so
+    digest = hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:8] if data_dir else "manifest"
+    return checkpoint_path.parent / f"eval_{checkpoint_path.stem}_{name}_{digest}"
 
 
 def score_screened_sample(checkpoint: Checkpoint, samples, scoring: Scoring, path: Path | str, source: str):
-    """--test-only's scoring: the samples the screening rule lets through with their labels, probabilities and
+    """--test-only's scoring: the samples the screening rule lets through with their labels, log-odds and
     report; the ones it leaves out are listed in the report (path and reason) and counted on the console."""
-    samples, labels, probs, left_out = screened_scores(
+    samples, labels, scores, left_out = screened_scores(
         checkpoint, samples, scoring.device, scoring.batch_size, scoring.num_workers, path
     )
     if left_out:
         print(f"Left out {len(left_out)} files that cannot be scored as a chest X-ray: {left_out_listing(left_out)}")
     if not samples:
         raise DataError(f"error: no image of {source} can be scored: {left_out_listing(left_out)}")
-    report = evaluation_report(labels, probs, checkpoint.state.thresholds, scoring.resamples, scoring.seed)
+    report = evaluation_report(labels, scores, checkpoint.state.thresholds, scoring.resamples, scoring.seed)
     report["left_out"] = [{"path": image, "reason": reason} for image, reason in left_out.items()]
-    return samples, labels, probs, report
+    report["operating_points_chosen_on"] = checkpoint.operating_points_chosen_on
+    return samples, labels, scores, report
 
 
 def run_test_only(
@@ -183,29 +215,31 @@ def run_test_only(
         refuse_small_sample([label for _, label in samples])  # before the slow part: scoring every image
     name = Path(data_dir).resolve().name if data_dir else "split_test"  # not "test": a folder may be named so
     print(f"Evaluating {checkpoint_path} on {len(samples)} images: {source}")
-    samples, labels, probs, report = score_screened_sample(checkpoint, samples, scoring, checkpoint_path, source)
+    samples, labels, scores, report = score_screened_sample(checkpoint, samples, scoring, checkpoint_path, source)
     if site_prevalence is not None and report["left_out"]:
         refuse_small_sample(labels.tolist())
-    print(format_results("Test", classification_metrics(labels, probs)))
+    print(format_results("Test", classification_metrics(labels, scores)))
     report |= {
         "checkpoint": str(checkpoint_path),
         "data": source,
         "p_tb_calibration": asdict(checkpoint.state.calibration),  # scale and bias of the logit difference
         "training_run_id": checkpoint.mlflow_run_id,
     }
+    print(f"Operating points chosen on {checkpoint.operating_points_chosen_on_text}")
     print_report(report)
-    out = checkpoint_path.parent / f"eval_{name}"
+    out = evaluation_prefix(checkpoint_path, data_dir)
     if site_prevalence is not None:
         sample = {"name": name, "folder": str(Path(data_dir).resolve()) if data_dir else "", "data": source}
+        sample["pixel_sha1"] = sorted(pixel_hashes([path for path, _ in samples], scoring.num_workers or 2).values())
         report["site_thresholds"] = fit_site_thresholds(
-            checkpoint, checkpoint_path, labels, probs, site_prevalence, out, sample
+            checkpoint, checkpoint_path, labels, scores, site_prevalence, out, sample
         )
     json_path = Path(f"{out}.json")
     write_json(report, json_path)
-    paths = [json_path, *save_evaluation_figures(labels, probs, report, out, name)]
+    paths = [json_path, *save_evaluation_figures(labels, scores, report, out, name)]
     # every image's score and decisions, so that each miss can be looked at
     paths.append(
-        write_labelled_predictions(Path(f"{out}_predictions.csv"), samples, probs, checkpoint.state.thresholds)
+        write_labelled_predictions(Path(f"{out}_predictions.csv"), samples, scores, checkpoint.state.thresholds)
     )
     paths += [Path(p) for p in report.get("site_thresholds", {}).get("files", [])]
     uri, run = checkpoint.tracking_uri, checkpoint.mlflow_run_id
@@ -225,160 +259,3 @@ def run_test_only(
     )
     print(f"Wrote {json_path} and {len(paths) - 1} figures and tables; MLflow evaluation run {run_id} ({tracking_uri})")
     return report
-
-
-def paired_auc_difference(labels, probs_a, probs_b, resamples: int, seed: int) -> dict[str, float]:
-    """AUC(B) - AUC(A) on the same images, with a paired stratified bootstrap CI and two-sided p-value
-    (DeLong's test is in no maintained Python library we depend on)."""
-    from sklearn.metrics import roc_auc_score
-
-    differences = np.asarray(
-        [
-            roc_auc_score(labels[i], probs_b[i]) - roc_auc_score(labels[i], probs_a[i])
-            for i in bootstrap_indices(labels, resamples, seed)
-        ]
-    )
-    low, high = np.percentile(differences, [2.5, 97.5])
-    far_side = min((differences <= 0).mean(), (differences >= 0).mean())
-    # No resample on the far side: the test can only say p < 2 / resamples, and that bound is what is stored.
-    upper_bound = bool(far_side == 0)
-    return {
-        "difference": float(roc_auc_score(labels, probs_b) - roc_auc_score(labels, probs_a)),
-        "ci_low": float(low),
-        "ci_high": float(high),
-        "p_value": 2 / resamples if upper_bound else float(min(1.0, 2 * far_side)),
-        "p_value_is_upper_bound": upper_bound,
-    }
-
-
-def training_facts(checkpoint_path: Path, checkpoint: Checkpoint) -> dict:
-    """Time, epochs and memory of the whole training run (summary.json beside it, when present)."""
-    summary_path = checkpoint_path.parent / SUMMARY_NAME
-    summary = read_json(summary_path) if summary_path.is_file() else {}
-    state = checkpoint.state
-    return {
-        "trainable_parameters": checkpoint.trainable_parameters,
-        "train_seconds": summary.get("train_seconds", state.train_seconds),
-        "epochs_trained": summary.get("epochs_trained", state.epoch),
-        "best_epoch": state.best_epoch,
-        "peak_memory_mb": summary.get("peak_memory_mb", state.peak_memory_mb),
-    }
-
-
-def comparison_rows(results: list[dict], facts: list[dict]) -> list[tuple[str, list[str]]]:
-    """The comparison table: what each training cost, then every metric with its interval."""
-    rows = [
-        ("Trainable parameters", [f"{f['trainable_parameters']:,}" for f in facts]),
-        ("Training time (wall clock)", [f"{f['train_seconds']:.1f} s" for f in facts]),
-        ("Epochs to best (of trained)", [f"{f['best_epoch']} of {f['epochs_trained']}" for f in facts]),
-        ("Peak memory (GPU allocated on CUDA, else process RSS)", [f"{f['peak_memory_mb']:.0f} MB" for f in facts]),
-    ]
-    for metric in REPORT_METRICS:
-        where = "threshold-free" if metric in THRESHOLD_FREE_METRICS else "at 0.5"
-        rows.append(
-            (
-                f"{metric} {where} (95% CI)",
-                [format_interval(r["report"]["thresholds"]["default"]["metrics"][metric]) for r in results],
-            )
-        )
-    for title, threshold in (("Youden's J", "youden"), ("WHO triage", "who_triage")):
-        if all(threshold in r["report"]["thresholds"] for r in results):
-            entries = [r["report"]["thresholds"][threshold] for r in results]
-            rows.append(
-                (
-                    f"sensitivity / specificity at {title} (validation-chosen t)",
-                    [
-                        f"{e['metrics']['sensitivity']['value']:.4f} / {e['metrics']['specificity']['value']:.4f} "
-                        f"(t={e['threshold']:.3f})"
-                        for e in entries
-                    ],
-                )
-            )
-    rows.append(
-        (
-            "Brier score / ECE",
-            [
-                f"{r['report']['calibration']['brier_score']:.4f} / "
-                f"{r['report']['calibration']['expected_calibration_error']:.4f}"
-                for r in results
-            ],
-        )
-    )
-    return rows
-
-
-def compare_checkpoints(
-    paths: list[Path], data_dir: str, scoring: Scoring, tracking_uri: str, report_dir: Path = Path("reports")
-) -> dict:
-    """--compare A B: both checkpoints on the same images; comparison.md plus figures in report_dir."""
-    paths = [Path(p) for p in paths]
-    checkpoints = [Checkpoint.load(p) for p in paths]
-    data = discover_dataset(data_dir) if data_dir else None  # None: the split manifest's test side
-    samples, source = held_out_samples(paths[0], data, scoring.num_workers or 2, checkpoint=checkpoints[0])
-    refuse_trained_on(samples, paths[1], scoring.num_workers or 2, checkpoint=checkpoints[1])
-    labels_of = [c.profile.gradcam_label for c in checkpoints]
-    names = [f"{label} ({path.name})" for label, path in zip(labels_of, paths)]
-    print(f"Comparing {names[0]} and {names[1]} on {len(samples)} images: {source}")
-    results = []
-    for path, checkpoint in zip(paths, checkpoints):
-        labels, probs, report = score_checkpoint(checkpoint, samples, scoring, path)
-        results.append({"probs": probs, "report": report})
-    auc_test = paired_auc_difference(labels, results[0]["probs"], results[1]["probs"], scoring.resamples, scoring.seed)
-    p_value = format_p_value(auc_test["p_value"], scoring.resamples, auc_test["p_value_is_upper_bound"])
-    report_dir = Path(report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
-    figures = [
-        comparison_roc_figure(
-            labels, {name: r["probs"] for name, r in zip(names, results)}, p_value, report_dir / "comparison_roc.png"
-        )
-    ]
-    cams = gradcam_row(labels_of, paths, report_dir / "comparison_gradcam.png")
-    figures += [cams] if cams else []
-
-    facts = [training_facts(p, c) for p, c in zip(paths, checkpoints)]
-    table = [f"| Aspect | {names[0]} | {names[1]} |", "|---|---|---|"]
-    table += [f"| {aspect} | {a} | {b} |" for aspect, (a, b) in comparison_rows(results, facts)]
-    table += [
-        "",
-        f"ROC AUC difference (B - A): {auc_test['difference']:+.4f} "
-        f"[{auc_test['ci_low']:+.4f}, {auc_test['ci_high']:+.4f}], paired bootstrap {p_value}",
-    ]
-    lines = [
-        f"# {'Transfer learning vs full training' if labels_of[0] != labels_of[1] else 'Comparison'}: "
-        f"{names[0]} vs {names[1]}",
-        "",
-        f"Evaluated on the same {len(labels)} images ({source}); "
-        f"{scoring.resamples} stratified bootstrap resamples, seed {scoring.seed}.",
-        "",
-        *table,
-        "",
-        "![ROC curves](comparison_roc.png)",
-    ]
-    if cams:
-        lines += ["", "![GradCAM summaries side by side](comparison_gradcam.png)"]
-    report_path = report_dir / "comparison.md"
-    report_path.write_text("\n".join(lines) + "\n")
-    print("\n".join(table))
-    comparison = {
-        "checkpoints": [str(p) for p in paths],
-        "data": source,
-        "auc_difference": auc_test,
-        "reports": [r["report"] for r in results],
-        "training": facts,
-    }
-    write_json(comparison, report_dir / "comparison.json")
-    tracking_uri, _ = resolve_tracking_uri(tracking_uri, FULL_TRAINING.port)
-    run_id = log_evaluation_run(
-        tracking_uri,
-        "ResNet50_TB_Comparison",
-        "comparison",
-        {"run_a": checkpoints[0].mlflow_run_id, "run_b": checkpoints[1].mlflow_run_id},
-        {
-            "auc_difference": auc_test["difference"],
-            "auc_difference_p_value": auc_test["p_value"],
-            "auc_difference_p_value_is_upper_bound": float(auc_test["p_value_is_upper_bound"]),
-        },
-        [report_path, report_dir / "comparison.json", *figures],
-    )
-    print(f"Wrote {report_path}; MLflow run {run_id} ({tracking_uri})")
-    return comparison

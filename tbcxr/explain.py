@@ -21,7 +21,7 @@ from .decoding import UNREADABLE_IMAGE_ERRORS
 from .errors import ImageReadError
 from .figures import pyplot, save_figure
 from .lung_share import lung_share_text
-from .metrics import tb_probability
+from .metrics import probability_of, tb_log_odds
 from .progress import track
 from .runtime import ieee_float32
 
@@ -105,12 +105,14 @@ class Explanation:
     path: str
     true_label: int
     prob_tb: float
+    log_odds: float  # calibrated log-odds of TB: what `predicted` was decided on
     predicted: int
     target: int
     cam: np.ndarray
     rgb: np.ndarray
     road: float
-    threshold: float  # the operating threshold that turned prob_tb into `predicted`
+    threshold: float  # the log-odds threshold that turned log_odds into `predicted`
+    chosen_on: str = ""  # the images the threshold was chosen on, e.g. "validation (20 Normal and 20 Tuberculosis)"
     lung_share: float | None = None  # share of the map's mass inside the lungs (lung_share.py); None: n/a
     lung_fields: str = ""  # how the lungs behind lung_share were found; "": not measured
 
@@ -144,7 +146,7 @@ def explain(
 ) -> list[Explanation]:
     """Predict and explain every (path, label) sample, batch by batch (road is NaN when not scored).
 
-    Predictions use the checkpoint's P(TB) calibration and a threshold: by default its recommended operating
+    Predictions use the checkpoint's calibration and a log-odds threshold: by default its recommended operating
     point (validation-chosen)."""
     threshold = checkpoint.operating_threshold if threshold is None else threshold
     # No worker processes: CAMs, not decoding, take the time, and an unreadable file's error stays as it is.
@@ -154,9 +156,9 @@ def explain(
     batches = (samples[start : start + batch_size] for start in range(0, len(samples), batch_size))
     for chunk, (batch, _) in track(zip(batches, loader), method, total=len(loader), unit="batch", noun="batches"):
         batch = batch.to(device)
-        with torch.no_grad(), ieee_float32():  # P(TB) as prediction and --test-only compute it
-            probs = tb_probability(model(batch), checkpoint.state.calibration).cpu().numpy()
-        predicted = (probs >= threshold).astype(int)
+        with torch.no_grad(), ieee_float32():  # log-odds as prediction and --test-only compute them
+            log_odds = tb_log_odds(model(batch), checkpoint.state.calibration)
+        probs, predicted = probability_of(log_odds), (log_odds >= threshold).astype(int)
         targets = [int(p) if target == "predicted" else CLASS_NAMES.index(target.capitalize()) for p in predicted]
         maps = compute_cams(model, target_layer, batch, targets, method)
         scores = faithfulness(model, batch, maps, targets, seed) if score_faithfulness else np.full(len(chunk), np.nan)
@@ -166,12 +168,14 @@ def explain(
                     path=str(path),
                     true_label=label,
                     prob_tb=float(probs[i]),
+                    log_odds=float(log_odds[i]),
                     predicted=int(predicted[i]),
                     target=targets[i],
                     cam=maps[i],
                     rgb=display_rgb(batch[i], checkpoint.mean, checkpoint.std),
                     road=float(scores[i]),
                     threshold=threshold,
+                    chosen_on=checkpoint.operating_points_chosen_on_text,
                 )
             )
     return explanations
@@ -184,28 +188,32 @@ def overlay(e: Explanation) -> np.ndarray:
     return show_cam_on_image(e.rgb, e.cam, use_rgb=True)
 
 
-def percent_pair(prob: float, threshold: float) -> tuple[str, str]:
-    """Both as percentages, with the fewest decimals (1 to 4) that tell them apart: never '60.0% < 60.0%'."""
-    for decimals in range(1, 5):
-        shown = f"{prob:.{decimals}%}", f"{threshold:.{decimals}%}"
-        if shown[0] != shown[1] or prob == threshold:
+def distinct_pair(a: float, b: float, spec: str, most: int) -> tuple[str, str]:
+    """Both formatted with the fewest decimals (1 to `most`) that tell them apart (`spec`: "%" or "f")."""
+    for decimals in range(1, most + 1):
+        shown = f"{a:.{decimals}{spec}}", f"{b:.{decimals}{spec}}"
+        if shown[0] != shown[1] or a == b:
             break
     return shown
 
 
 def caption_lines(e: Explanation) -> list[str]:
-    """True label, predicted label, and P(TB) against the operating threshold that decided it.
+    """True label, predicted label, and P(TB) and its log-odds against the operating threshold that decided it
+    (the log-odds with as many decimals as tell them apart: P(TB) near 1 can print alike on both sides), and
+    how many images the threshold was chosen on.
 
     Never a 'confidence' in the predicted class: with a threshold above 50%, 'Normal (48.5%)' for
     P(TB) 51.5% reads as 48.5% sure of Normal."""
-    prob, threshold = percent_pair(e.prob_tb, e.threshold)
-    side = "≥" if e.prob_tb >= e.threshold else "<"
-    return [
+    prob, threshold = distinct_pair(e.prob_tb, float(probability_of(e.threshold)), "%", 4)
+    score, cut = distinct_pair(e.log_odds, e.threshold, "f", 17)
+    side = "≥" if e.log_odds >= e.threshold else "<"
+    lines = [
         f"True: {label_name(e.true_label)}",
         f"Pred: {CLASS_NAMES[e.predicted]}{'  WRONG' if e.wrong else ''}",
-        f"P(TB) {prob} {side} threshold {threshold}",
+        f"P(TB) {prob} vs threshold {threshold}: log-odds {score} {side} {cut}",
         *([lung_share_text(e.lung_share, e.lung_fields)] if e.lung_fields else []),
     ]
+    return lines + ([f"threshold chosen on {e.chosen_on}"] if e.chosen_on else [])
 
 
 def caption(e: Explanation) -> str:

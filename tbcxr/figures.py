@@ -32,12 +32,13 @@ def save_figure(fig, path: Path, dpi: int = 110) -> Path:
     return Path(path)
 
 
-def save_test_figures(labels, probs, out_dir: Path) -> list[Path]:
-    """Confusion matrix and ROC curve PNGs plus the sklearn classification report."""
+def save_test_figures(labels, scores, out_dir: Path) -> list[Path]:
+    """Confusion matrix (P(TB) 0.5: log-odds 0) and ROC curve (of the log-odds `scores`) PNGs plus the sklearn
+    classification report."""
     plt = pyplot()
     from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay, classification_report
 
-    preds = (probs >= 0.5).astype(int)
+    preds = (scores >= 0.0).astype(int)
     paths = [out_dir / "confusion_matrix.png", out_dir / "roc_curve.png", out_dir / "classification_report.txt"]
     fig, ax = plt.subplots(figsize=(4.5, 4))
     ConfusionMatrixDisplay.from_predictions(labels, preds, display_labels=CLASS_NAMES, ax=ax, colorbar=False)
@@ -45,51 +46,55 @@ def save_test_figures(labels, probs, out_dir: Path) -> list[Path]:
     save_figure(fig, paths[0], dpi=120)
     fig, ax = plt.subplots(figsize=(4.5, 4))
     if len(np.unique(labels)) == 2:
-        RocCurveDisplay.from_predictions(labels, probs, ax=ax, name="ResNet50")
+        RocCurveDisplay.from_predictions(labels, scores, ax=ax, name="ResNet50")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_title("Test ROC curve (Tuberculosis positive)")
     save_figure(fig, paths[1], dpi=120)
-    report = classification_report(labels, preds, labels=[0, 1], target_names=CLASS_NAMES, zero_division=0)
+    report = classification_report(labels, preds, labels=[0, 1], target_names=CLASS_NAMES, zero_division=np.nan)
     paths[2].write_text(report)
     return paths
 
 
-def save_evaluation_figures(labels, probs, report: dict, prefix: Path, title: str) -> list[Path]:
-    """ROC with the operating points, precision-recall, confusion matrices, reliability diagram."""
+def save_evaluation_figures(labels, scores, report: dict, prefix: Path, title: str) -> list[Path]:
+    """ROC with the operating points, precision-recall, confusion matrices (of the log-odds `scores`, thresholds
+    in log-odds), reliability diagram (of P(TB))."""
     plt = pyplot()
     from sklearn.calibration import CalibrationDisplay
     from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 
+    from .metrics import probability_of
+
+    probs = probability_of(scores)
     paths = [Path(f"{prefix}_{kind}.png") for kind in ("roc", "pr", "confusion", "reliability")]
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    RocCurveDisplay.from_predictions(labels, probs, ax=ax, name="ResNet50")
+    RocCurveDisplay.from_predictions(labels, scores, ax=ax, name="ResNet50")
     for name, entry in report["thresholds"].items():
         metrics = entry["metrics"]
         ax.scatter(
             1 - metrics["specificity"]["value"],
             metrics["sensitivity"]["value"],
             zorder=3,
-            label=f"{THRESHOLD_NAMES.get(name, name)} (t={entry['threshold']:.3f})",
+            label=f"{THRESHOLD_NAMES.get(name, name)} (log-odds {entry['threshold']:.3f})",
         )
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(f"ROC: {title}")
     figures = [fig]
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    PrecisionRecallDisplay.from_predictions(labels, probs, ax=ax, name="ResNet50")
+    PrecisionRecallDisplay.from_predictions(labels, scores, ax=ax, name="ResNet50")
     ax.set_title(f"Precision-recall: {title}")
     figures.append(fig)
     fig, axes = plt.subplots(1, len(report["thresholds"]), figsize=(4 * len(report["thresholds"]), 3.8), squeeze=False)
     for ax, (name, entry) in zip(axes[0], report["thresholds"].items()):
         ConfusionMatrixDisplay.from_predictions(
             labels,
-            (probs >= entry["threshold"]).astype(int),
+            (scores >= entry["threshold"]).astype(int),
             labels=[0, 1],
             display_labels=CLASS_NAMES,
             ax=ax,
             colorbar=False,
         )
-        ax.set_title(f"{THRESHOLD_NAMES.get(name, name)} (t={entry['threshold']:.3f})", fontsize=9)
+        ax.set_title(f"{THRESHOLD_NAMES.get(name, name)} (log-odds {entry['threshold']:.3f})", fontsize=9)
     fig.suptitle(f"Confusion matrices: {title}")
     figures.append(fig)
     fig, ax = plt.subplots(figsize=(5, 4.5))
@@ -140,14 +145,14 @@ def gradcam_row(labels: list[str], checkpoints: list[Path], out: Path) -> Path |
     return save_figure(fig, out)
 
 
-def comparison_roc_figure(labels, named_probs: dict[str, np.ndarray], p_value: str, path: Path) -> Path:
-    """Both models' ROC curves on the same images, titled with the paired test's p-value."""
+def comparison_roc_figure(labels, named_scores: dict[str, np.ndarray], p_value: str, path: Path) -> Path:
+    """Both models' ROC curves (of their log-odds) on the same images, titled with the paired test's p-value."""
     plt = pyplot()
     from sklearn.metrics import RocCurveDisplay
 
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    for name, probs in named_probs.items():
-        RocCurveDisplay.from_predictions(labels, probs, ax=ax, name=name)
+    for name, scores in named_scores.items():
+        RocCurveDisplay.from_predictions(labels, scores, ax=ax, name=name)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_title(f"ROC on the same {len(labels)} images ({p_value})", fontsize=10)
     return save_figure(fig, path)
@@ -174,10 +179,9 @@ def site_threshold_figure(rows: list[dict], refitted: dict[str, float], path: Pa
         ax.axvline(threshold, color="0.3", linestyle=":", linewidth=0.9)
         row = next(row for row in rows if row["threshold"] == threshold)
         ax.scatter([threshold] * 2, [row["sensitivity"], row["specificity"]], color="black", marker=marker,
-                   zorder=3, label=f"site {THRESHOLD_NAMES.get(name, name)} (t={threshold:.3f})")  # fmt: skip
-    ax.set_xlim(0, 1)
+                   zorder=3, label=f"site {THRESHOLD_NAMES.get(name, name)} (log-odds {threshold:.3f})")  # fmt: skip
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("P(TB) threshold (positive when P(TB) >= threshold)")
+    ax.set_xlabel("log-odds threshold (positive when calibrated log-odds >= threshold)")
     ax.set_ylabel("proportion (95% Wilson band)")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the curves, never over them
     ax.set_title(f"Site thresholds: {title}", fontsize=10)

@@ -34,13 +34,25 @@ from .config import CLASS_NAMES
 from .data import checkpoint_transform
 from .decoding import UNREADABLE_IMAGE_ERRORS, is_dicom_file, is_image_file, load_xray
 from .errors import CheckpointError, DataError, OperatingPointError
-from .metrics import tb_probability
+from .metrics import format_threshold, probability_of, tb_log_odds
 from .progress import track
 from .runtime import ieee_float32, on_device
 
 OK = "ok"
 UNREADABLE = "unreadable"
-PREDICTION_COLUMNS = ("path", "status", "p_tb", "decision", "threshold", "operating_point", "checkpoint")
+# The decision is log_odds >= threshold_log_odds, both written in full (repr) digits so that no row contradicts
+# its decision; p_tb and threshold are the same numbers as P(TB) (float64 P(TB) is 1.0 past log-odds ~37).
+PREDICTION_COLUMNS = (
+    "path",
+    "status",
+    "p_tb",
+    "log_odds",
+    "decision",
+    "threshold",
+    "threshold_log_odds",
+    "operating_point",
+    "checkpoint",
+)
 # What a chest radiograph can look like: greyscale (a red marker or label is fine, a photograph is not), at
 # least MIN_SIDE pixels a side and not a strip (frontal and lateral views are all well within 1:3).
 MIN_SIDE = 32
@@ -107,15 +119,23 @@ class Predictor:
         model = on_device(network, device).eval()  # the layout the trainer and --test-only score in
         return cls(checkpoint, model, device, checkpoint_transform(checkpoint), name, float(thresholds[name]), digest)
 
-    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        """P(TB) of a batch of transformed images, with the checkpoint's calibration, in exact float32."""
+    def log_odds(self, batch: torch.Tensor) -> np.ndarray:
+        """The calibrated log-odds of TB (float64) of a batch of transformed images; logits in exact float32."""
         with torch.no_grad(), nullcontext() if self.precision_fixed else ieee_float32():
             logits = self.model.eval()(batch.to(self.device)).float()
-        return tb_probability(logits, self.checkpoint.state.calibration).cpu().numpy()
+        return tb_log_odds(logits, self.checkpoint.state.calibration)
 
-    def decisions(self, probs: np.ndarray) -> np.ndarray:
-        """True where the operating point calls Tuberculosis (P(TB) >= its threshold)."""
-        return np.asarray(probs) >= self.threshold
+    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
+        """P(TB) of a batch of transformed images, with the checkpoint's calibration (float64)."""
+        return probability_of(self.log_odds(batch))
+
+    def decisions(self, log_odds: np.ndarray) -> np.ndarray:
+        """True where the operating point calls Tuberculosis (log-odds >= its log-odds threshold)."""
+        return np.asarray(log_odds) >= self.threshold
+
+    @property
+    def threshold_probability(self) -> float:
+        return float(probability_of(self.threshold))
 
 
 # --------------------------------------------------------------------------- one image
@@ -230,18 +250,22 @@ def left_out_reason(status: str) -> str:
 
 @dataclass
 class Scored:
-    """One file's prediction: P(TB) is NaN for an unreadable file."""
+    """One file's prediction: its calibrated log-odds of TB, NaN for an unreadable file."""
 
     path: Path
     status: str
-    p_tb: float
+    log_odds: float
+
+    @property
+    def p_tb(self) -> float:
+        return float(probability_of(self.log_odds))
 
 
 def scored_batches(
     predictor: Predictor, files: list[Path], batch_size: int, num_workers: int
 ) -> Iterator[tuple[list[int], list[str], np.ndarray]]:
-    """(file indices, statuses, P(TB) of the batch's "ok" files) per batch, in file order, streamed: at most a few
-    batches of images in memory."""
+    """(file indices, statuses, calibrated log-odds of TB of the batch's "ok" files) per batch, in file order,
+    streamed: at most a few batches of images in memory."""
     loader = torch.utils.data.DataLoader(
         FolderImages(files, predictor.transform),
         batch_size=batch_size,
@@ -250,39 +274,39 @@ def scored_batches(
         pin_memory=predictor.device.type == "cuda",
     )
     for indices, statuses, images in track(loader, "predict", total=len(files), size=lambda b: len(b[0])):
-        yield indices, statuses, predictor.probabilities(images) if images is not None else np.zeros(0, np.float32)
+        yield indices, statuses, predictor.log_odds(images) if images is not None else np.zeros(0)
 
 
 def score_files(predictor: Predictor, files: list[Path], batch_size: int, num_workers: int) -> Iterator[list[Scored]]:
     """Batches of predictions in file order, streamed."""
-    for indices, statuses, batch_probs in scored_batches(predictor, files, batch_size, num_workers):
-        probs = iter(batch_probs)
-        yield [Scored(files[i], s, float(next(probs)) if s == OK else float("nan")) for i, s in zip(indices, statuses)]
+    for indices, statuses, batch_scores in scored_batches(predictor, files, batch_size, num_workers):
+        scores = iter(batch_scores)
+        yield [Scored(files[i], s, float(next(scores)) if s == OK else float("nan")) for i, s in zip(indices, statuses)]
 
 
 def score_labelled(
     predictor: Predictor, samples: list[tuple[str, int]], batch_size: int, num_workers: int
 ) -> tuple[list[tuple[str, int]], np.ndarray, dict[str, str]]:
     """Labelled (path, label) samples scored as a folder is: the samples the screening rule lets through, their
-    P(TB) (as Predictor.probabilities gives them), and each left-out path with its reason."""
-    kept, probs, left_out, files = [], [], {}, [Path(path) for path, _ in samples]
-    for indices, statuses, batch_probs in scored_batches(predictor, files, batch_size, num_workers):
-        probs.append(batch_probs)
+    calibrated log-odds of TB (as Predictor.log_odds gives them), and each left-out path with its reason."""
+    kept, scores, left_out, files = [], [], {}, [Path(path) for path, _ in samples]
+    for indices, statuses, batch_scores in scored_batches(predictor, files, batch_size, num_workers):
+        scores.append(batch_scores)
         for i, status in zip(indices, statuses):
             if status == OK:
                 kept.append(samples[i])
             else:
                 left_out[samples[i][0]] = left_out_reason(status)
-    return kept, np.concatenate(probs) if probs else np.zeros(0, np.float32), left_out
+    return kept, np.concatenate(scores) if scores else np.zeros(0), left_out
 
 
 def screened_scores(checkpoint: Checkpoint, samples, device, batch_size: int, num_workers: int, path=""):
     """A checkpoint (read from `path`, named in errors) on labelled samples, as batch prediction scores them (its
-    predictor, transform and screening rule): the samples scored, their labels and (calibrated) TB probabilities,
+    predictor, transform and screening rule): the samples scored, their labels and calibrated log-odds of TB,
     and {path: reason} of those the screening rule left out."""
     predictor = Predictor.for_checkpoint(checkpoint, path or "in memory", device)
-    kept, probs, left_out = score_labelled(predictor, samples, batch_size, num_workers)
-    return kept, np.array([label for _, label in kept], dtype=np.int64), probs, left_out
+    kept, scores, left_out = score_labelled(predictor, samples, batch_size, num_workers)
+    return kept, np.array([label for _, label in kept], dtype=np.int64), scores, left_out
 
 
 def screen_samples(samples: list[tuple[str, int]], transform) -> tuple[list[tuple[str, int]], dict[str, str]]:
@@ -314,11 +338,12 @@ class PredictionWriter:
         p = self.predictor
         for row in batch:
             ok = row.status == OK
-            decision = CLASS_NAMES[int(p.decisions(row.p_tb))] if ok else ""
+            decision = CLASS_NAMES[int(p.decisions(row.log_odds))] if ok else ""
             relative = os.path.relpath(os.path.abspath(row.path), self.base)  # symlinks kept, as listed
-            p_tb = f"{row.p_tb:.6f}" if ok else ""
+            scores = [repr(row.p_tb), repr(row.log_odds)] if ok else ["", ""]
+            threshold = [repr(p.threshold_probability), repr(p.threshold)]
             self._writer.writerow(
-                [relative, row.status, p_tb, decision, f"{p.threshold:.6f}", p.operating_point, p.digest]
+                [relative, row.status, *scores, decision, threshold[0], threshold[1], p.operating_point, p.digest]
             )
         self._file.flush()
 
@@ -345,20 +370,22 @@ def predict_to_csv(
 
 
 def summary_line(rows: list[Scored], predictor: Predictor, csv_path: Path) -> str:
-    ok = [row.p_tb for row in rows if row.status == OK]
+    ok = [row.log_odds for row in rows if row.status == OK]
     called = int(predictor.decisions(np.asarray(ok)).sum()) if ok else 0
     return (
         f"Predicted {len(rows)} files: {len(ok)} ok, {len(rows) - len(ok)} unreadable, {called} called Tuberculosis "
-        f"at threshold {predictor.threshold:.4f} ({predictor.operating_point}); wrote {csv_path}"
+        f"at {format_threshold(predictor.threshold)} ({predictor.operating_point}); wrote {csv_path}"
     )
 
 
-def write_labelled_predictions(path: Path, samples, probs: np.ndarray, thresholds: dict[str, float]) -> Path:
-    """--test-only's per-image scores: path, true label, P(TB) and the decision at each stored operating point."""
+def write_labelled_predictions(path: Path, samples, scores: np.ndarray, thresholds: dict[str, float]) -> Path:
+    """--test-only's per-image scores: path, true label, P(TB), log-odds (full digits: what decides) and the
+    decision at each stored operating point (log-odds >= its threshold)."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "true_label", "p_tb", *(f"decision_{name}" for name in thresholds)])
-        for (image, label), p_tb in zip(samples, probs):
-            decisions = [CLASS_NAMES[int(p_tb >= threshold)] for threshold in thresholds.values()]
-            writer.writerow([image, CLASS_NAMES[label], f"{p_tb:.6f}", *decisions])
+        writer.writerow(["path", "true_label", "p_tb", "log_odds", *(f"decision_{name}" for name in thresholds)])
+        for (image, label), score in zip(samples, scores):
+            decisions = [CLASS_NAMES[int(score >= threshold)] for threshold in thresholds.values()]
+            p_tb = repr(float(probability_of(score)))
+            writer.writerow([image, CLASS_NAMES[label], p_tb, repr(float(score)), *decisions])
     return Path(path)

@@ -6,9 +6,10 @@ A request is a DataFrame with a column `image` of base64-encoded file bytes (PNG
 without extension or preamble; line breaks in the base64 are allowed). Each image goes through
 predict.image_tensor with its screening rule, the preprocessing batch prediction and --test-only use, so a
 served image gets the P(TB) the prediction CSV gives it. The answer per row, in request order: status ("ok",
-or "unreadable: <reason>" as in the prediction CSV, with no P(TB) or decision), p_tb (with the checkpoint's
-calibration), decision and threshold at the checkpoint's recommended operating point, its name, and
-model_version, the checkpoint file's digest (the prediction CSV's `checkpoint`).
+or "unreadable: <reason>" as in the prediction CSV, with no P(TB) or decision), p_tb and log_odds (with the
+checkpoint's calibration), decision, threshold and threshold_log_odds at the checkpoint's recommended operating
+point (log_odds >= threshold_log_odds decides: near P(TB) = 1 two probabilities can print alike where the
+log-odds differ), its name, and model_version, the checkpoint file's digest (the prediction CSV's `checkpoint`).
 
 The scoring server runs requests in threads side by side: exact float32 is set once when the model loads,
 never saved and restored per batch. A request is decoded and scored CHUNK images at a time, so it holds one
@@ -34,12 +35,15 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from tbcxr.config import CLASS_NAMES
+from tbcxr.metrics import probability_of
 from tbcxr.predict import OK, UNREADABLE, Predictor, UnusableImage, image_tensor
 from tbcxr.runtime import resolve_device, set_exact_float32
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 IMAGE_COLUMN = "image"
-OUTPUT_COLUMNS = ("status", "p_tb", "decision", "threshold", "operating_point", "model_version")
+OUTPUT_COLUMNS = (
+    "status", "p_tb", "log_odds", "decision", "threshold", "threshold_log_odds", "operating_point", "model_version"
+)  # fmt: skip
 CHUNK = 16  # images decoded and scored at once: a request never holds more than this many tensors
 # Batch prediction of a 224 px model ran at 4.24 images/s on a 2-core CPU (docs/performance.md): 128 images
 # take about 30 s there, half the scoring server's default request timeout (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT,
@@ -51,8 +55,10 @@ SIGNATURE = ModelSignature(
         [
             ColSpec("string", "status"),
             ColSpec("double", "p_tb", required=False),
+            ColSpec("double", "log_odds", required=False),
             ColSpec("string", "decision", required=False),
             ColSpec("double", "threshold"),
+            ColSpec("double", "threshold_log_odds"),
             ColSpec("string", "operating_point"),
             ColSpec("string", "model_version"),
         ]
@@ -99,7 +105,8 @@ class TuberculosisClassifier(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS), dtype=object)  # None stays null in JSON, not NaN
 
     def answer_chunk(self, values: list) -> list[tuple]:
-        """One answer row per value: decoded, screened and scored together."""
+        """One answer row per value: decoded, screened and scored together. The decision is the log-odds'
+        (log_odds >= threshold_log_odds); P(TB) and its threshold are the same numbers as probabilities."""
         predictor, statuses, tensors = self.predictor, [], []
         for value in values:
             try:
@@ -107,13 +114,16 @@ class TuberculosisClassifier(mlflow.pyfunc.PythonModel):
                 statuses.append(OK)
             except UnusableImage as exc:
                 statuses.append(f"{UNREADABLE}: {exc}")
-        probs = iter(predictor.probabilities(torch.stack(tensors)).tolist() if tensors else [])
-        point = (predictor.threshold, predictor.operating_point, predictor.digest)
+        scores = iter(predictor.log_odds(torch.stack(tensors)).tolist() if tensors else [])
+        point = (predictor.threshold_probability, predictor.threshold, predictor.operating_point, predictor.digest)
         rows = []
         for status in statuses:
-            p_tb = next(probs) if status == OK else None
-            decision = CLASS_NAMES[int(predictor.decisions(p_tb))] if status == OK else None
-            rows.append((status, p_tb, decision, *point))
+            if status == OK:
+                log_odds = next(scores)
+                decision = CLASS_NAMES[int(predictor.decisions(log_odds))]
+                rows.append((status, float(probability_of(log_odds)), log_odds, decision, *point))
+            else:
+                rows.append((status, None, None, None, *point))
         return rows
 
 

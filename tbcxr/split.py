@@ -142,8 +142,9 @@ def held_out_samples(
     moved or copied folder is still recognised. The console says how many images were left out and why.
     Pass the loaded checkpoint when you hold it: it is read from disk otherwise. Without `keep_test` (a
     site's sample for its thresholds), the split's test images are left out too: they stay untouched for
-    testing the refitted checkpoint."""
+    testing the refitted checkpoint. A site checkpoint's own sample (tbcxr.site) is left out as well."""
     manifest_path = Path(checkpoint_path).parent / MANIFEST_NAME
+    checkpoint = checkpoint if checkpoint is not None else Checkpoint.load(checkpoint_path)
     manifest = manifest_beside(checkpoint_path, checkpoint)
     if data is None:
         if manifest is None:
@@ -156,12 +157,15 @@ def held_out_samples(
                 f"error: the data folder {manifest['data_dir']} that {manifest_path} lists is gone; pass --data-dir "
                 "with where it is now (its training and validation images are still left out)"
             )
-        return manifest_samples(manifest, "test"), f"test side of {manifest_path}"
+        return with_site_sample_left_out(
+            manifest_samples(manifest, "test"), f"test side of {manifest_path}", checkpoint, workers
+        )
     candidates, source = (data.test, f"test/ side of {data.root}") if data.test else (data.train, f"all of {data.root}")
     if manifest is None:
         print(f"WARNING: no {MANIFEST_NAME} beside {checkpoint_path}: {source} cannot be checked against the "
               "checkpoint's training images; all of it is scored", file=sys.stderr)  # fmt: skip
-        return candidates, source + " (not checked against training images: no split manifest)"
+        source += " (not checked against training images: no split manifest)"
+        return with_site_sample_left_out(candidates, source, checkpoint, workers)
     samples, left_out = leave_out_known(candidates, manifest, workers, keep_test)
     if left_out:
         reasons = ", ".join(f"{count} {reason}" for reason, count in left_out.items())
@@ -175,7 +179,14 @@ def held_out_samples(
             + ("" if keep_test else ", or of its test side")
             + ", or cannot be read: nothing is left to test on"
         )
-    return samples, source
+    return with_site_sample_left_out(samples, source, checkpoint, workers)
+
+
+def with_site_sample_left_out(samples, source: str, checkpoint: Checkpoint, workers: int) -> tuple[list, str]:
+    kept = leave_out_site_sample(samples, checkpoint, workers, source)
+    if len(kept) < len(samples):
+        source += f" less {len(samples) - len(kept)} images of the site sample its operating points were fitted on"
+    return kept, source
 
 
 def refuse_trained_on(samples, checkpoint_path: Path, workers: int, *, checkpoint: Checkpoint) -> None:
@@ -195,3 +206,30 @@ def refuse_trained_on(samples, checkpoint_path: Path, workers: int, *, checkpoin
             f"{reasons}. A paired test on them would favour it. Compare on images neither model saw: pass "
             "--data-dir with an external labelled folder"
         )
+
+
+def pixel_hashes(paths: list[str], workers: int) -> dict[str, str]:
+    """Path -> the SHA-1 of its decoded pixels (what the split manifest records), for the readable files."""
+    return dict(scan_images(list(paths), workers=workers).pixel_hash)
+
+
+def leave_out_site_sample(samples, checkpoint: Checkpoint, workers: int, what: str) -> list:
+    """The samples less the images a site checkpoint's operating points were refitted on (by pixel content,
+    as recorded in the checkpoint); the console says how many. Stops when nothing is left. A checkpoint
+    without a site sample returns the samples as they are."""
+    recorded = set((checkpoint.site or {}).get("pixel_sha1", ()))
+    if not recorded:
+        return samples
+    hashes = pixel_hashes([path for path, _ in samples], workers)
+    kept = [(path, label) for path, label in samples if hashes.get(path) not in recorded]
+    left_out = len(samples) - len(kept)
+    if left_out:
+        print(f"Left out {left_out} of {len(samples)} images of {what}: the site sample "
+              f"{checkpoint.site.get('name', '?')} this checkpoint's operating points were fitted on")  # fmt: skip
+    if not kept:
+        raise DataError(
+            f"error: every image of {what} belongs to the site sample {checkpoint.site.get('name', '?')} the "
+            "checkpoint's operating points were fitted on: nothing is left to test on. Use a second labelled "
+            "sample, or the checkpoint the site one was refitted from"
+        )
+    return kept

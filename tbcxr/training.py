@@ -29,7 +29,18 @@ from .config import (
 )
 from .errors import ConfigurationError, TrainingError
 from .figures import save_test_figures
-from .metrics import scalar_metrics
+from .metrics import (
+    THRESHOLD_NAMES,
+    class_counts,
+    classification_metrics,
+    format_results,
+    format_threshold,
+    probability_of,
+    proportion_counts,
+    scalar_metrics,
+    too_few_for_operating_points,
+    with_intervals,
+)
 from .model import count_trainable, group_lrs
 from .runtime import DistributedContext
 from .tracking import RunLogger, SilentLogger, continue_run, resolve_tracking_uri, start_run
@@ -238,8 +249,15 @@ class Run:
         """Log the test metrics and figures, and write summary.json (logged too); returns what it records.
         `at_operating_point`: the test metrics at the recommended operating point, with its name and threshold."""
         test_metrics = scalar_metrics(test_results, "test")
-        self.logger.log_metrics(test_metrics)
-        for path in save_test_figures(test_results["labels"], test_results["probs"], self.checkpoint_dir):
+        # The intervals at the recommended operating point too (finite ones: MLflow refuses NaN bounds).
+        name = at_operating_point["name"]
+        bounds = {
+            f"test_{name}_{metric}_ci_{side}": interval[f"ci_{side}"]
+            for metric, interval in at_operating_point["intervals"].items()
+            for side in ("low", "high")
+        }
+        self.logger.log_metrics(test_metrics | {k: v for k, v in bounds.items() if np.isfinite(v)})
+        for path in save_test_figures(test_results["labels"], test_results["scores"], self.checkpoint_dir):
             self.logger.log_artifact(path, artifact_path="test")
         summary = {
             "test_metrics": test_metrics, "test_metrics_at_operating_point": at_operating_point,
@@ -296,3 +314,35 @@ def print_header(
             f"{config.batch_size} x {world} = {config.batch_size * world}; learning rates "
             + (f"x {lr_mult:g} (--lr-scale {config.lr_scale})" if lr_mult != 1 else "unscaled (--lr-scale none)")
         )
+
+
+def check_validation_size(temperature_scaling: bool, val_labels: list[int]) -> None:
+    """Before training: refuse --temperature-scaling, and warn that the operating points are unreliable, when
+    validation holds fewer than metrics.MINIMUM_VALIDATION_PER_CLASS images of a class."""
+    why = too_few_for_operating_points(class_counts(val_labels))
+    if why and temperature_scaling:
+        raise ConfigurationError(
+            f"error: --temperature-scaling refused: {why}. Fit it on a larger validation side (--val-fraction, "
+            "more data), or train without it"
+        )
+    if why:
+        print(f"WARNING: {why}; predictions, GradCAM and the served model all use them. Use a larger validation "
+              "side (--val-fraction, more data), or refit the points on a site sample (--site-thresholds)")  # fmt: skip
+
+
+def test_at_operating_point(best: Checkpoint, labels, scores) -> dict:
+    """Print and return the test metrics at the best checkpoint's recommended operating point: the threshold
+    (log-odds and P(TB)), the validation images it was chosen on, and Wilson / Newcombe 95% intervals."""
+    name, threshold = best.recommended_operating_point, best.operating_threshold
+    metrics = classification_metrics(labels, scores, threshold)
+    where = f"{THRESHOLD_NAMES[name]} ({format_threshold(threshold)}, chosen on {best.operating_points_chosen_on_text})"
+    print(format_results("Test", metrics, where))
+    intervals = with_intervals(metrics, [], proportion_counts(labels, np.asarray(scores) >= threshold))
+    return {
+        "name": name,
+        "threshold_log_odds": threshold,
+        "threshold_p_tb": float(probability_of(threshold)),
+        "validation_counts": best.state.validation_counts,
+        **scalar_metrics(metrics, "test"),
+        "intervals": {k: v for k, v in intervals.items() if v["method"] != "bootstrap"},
+    }

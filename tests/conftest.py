@@ -26,12 +26,14 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tbcxr import metrics  # noqa: E402
 from tbcxr.config import CLASS_NAMES  # noqa: E402
 from tbcxr.demo import synthetic_xray  # noqa: E402
 from tbcxr.tracking import server_answers  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # Tiny, fast CPU runs: 32 px, small batches, no worker processes, random weights.
+TINY_VALIDATION_MINIMUM = 2
 TINY = "--image-size 32 --batch-size 8 --num-workers 0 --weights none --recipe original".split()
 
 
@@ -97,7 +99,8 @@ MODEL_LOGGING = {
 @pytest.fixture(scope="session", autouse=True)
 def quick_mlflow(migrated_store):
     """In this process: a sqlite store MLflow opens for the first time starts as a copy of migrated_store
-    (what the migration would have written), and the trainer skips logging the model."""
+    (what the migration would have written), the trainer skips logging the model, and a validation side of
+    TINY_VALIDATION_MINIMUM images of each class is enough (without a warning) for --temperature-scaling."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
     from sqlalchemy.engine import make_url
 
@@ -115,6 +118,8 @@ def quick_mlflow(migrated_store):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(SqlAlchemyStore, "__init__", from_migrated_copy)
+        # Tiny runs validate on a few images of each class; the tests of that check set the real minimum.
+        patch.setattr(metrics, "MINIMUM_VALIDATION_PER_CLASS", TINY_VALIDATION_MINIMUM)
         for name, skipped in MODEL_LOGGING.items():
             if hasattr(resnet50_tb_full, name):  # a refactoring that renames one makes runs slower, not wrong
                 patch.setattr(resnet50_tb_full, name, skipped)

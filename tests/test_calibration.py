@@ -4,17 +4,26 @@ identity is the network's softmax; checkpoints of format 1 (a temperature) still
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from scipy.optimize import minimize_scalar
 
-from tbcxr.checkpoint import CHECKPOINT_FORMAT, Checkpoint, RunState, read_json
+from tbcxr.checkpoint import CHECKPOINT_FORMAT, Checkpoint, read_json
 from tbcxr.config import MANIFEST_NAME, SUMMARY_NAME
 from tbcxr.data import XrayDataset, eval_transform
 from tbcxr.errors import CheckpointError
 from tbcxr.evaluation import predict_checkpoint
-from tbcxr.metrics import Calibration, expected_calibration_error, fit_calibration, select_thresholds, tb_probability
+from tbcxr.metrics import (
+    Calibration,
+    expected_calibration_error,
+    fit_calibration,
+    probability_of,
+    select_thresholds,
+    tb_probability,
+)
 from tbcxr.model import predict_logits
 from tbcxr.split import manifest_samples
 
@@ -47,7 +56,7 @@ def test_platt_scaling_undoes_the_prior_shift_of_oversampling_where_a_temperatur
     prevalence = 1 / 6
 
     def ece_and_mean(calibration: Calibration) -> tuple[float, float]:
-        probs = tb_probability(test_logits, calibration).numpy()
+        probs = tb_probability(test_logits, calibration)
         return expected_calibration_error(test_labels, probs), float(probs.mean())
 
     before = ece_and_mean(Calibration())
@@ -64,7 +73,7 @@ def test_platt_scaling_undoes_the_prior_shift_of_oversampling_where_a_temperatur
 def test_platt_scaling_stays_finite_and_keeps_the_ranking_on_separable_validation():
     logits = np.array([[0.0, -3.0], [0.0, -2.0], [0.0, 4.0], [0.0, 5.0]])
     calibration = fit_calibration(logits, np.array([0, 0, 1, 1]))
-    probs = tb_probability(torch.tensor(logits), calibration).numpy()
+    probs = tb_probability(torch.tensor(logits), calibration)
     assert 0 < calibration.scale < 5  # unpenalised 0/1 targets would push it towards infinity
     assert np.all(np.diff(probs) >= 0) and 0 < probs.min() and probs.max() < 1  # ranked, not saturated
     assert len(np.unique(probs)) == 4
@@ -77,30 +86,34 @@ def test_a_validation_set_ranked_the_wrong_way_round_never_reverses_the_scores()
     logits = np.stack([np.zeros(80), d], axis=1)
     calibration = fit_calibration(logits, labels)
     assert calibration.scale > 0
-    probs = tb_probability(torch.as_tensor(logits), calibration).numpy()
+    probs = tb_probability(torch.as_tensor(logits), calibration)
     assert np.array_equal(np.argsort(probs, kind="stable"), np.argsort(d, kind="stable"))
 
 
-def test_identity_calibration_gives_exactly_the_softmax():
+def test_identity_calibration_gives_the_softmax():
     logits = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)) * 8
-    assert torch.equal(tb_probability(logits, Calibration()), logits.softmax(dim=1)[:, 1])
+    softmax = logits.double().softmax(dim=1)[:, 1].numpy()
+    assert tb_probability(logits, Calibration()) == pytest.approx(softmax, rel=1e-12, abs=1e-300)
     assert Checkpoint({}, {}, 32, 0).state.calibration == Calibration(scale=1.0, bias=0.0)
 
 
 def format_1_file(path, temperature: float):
     """A checkpoint as format 1 wrote it: the same keys, with a softmax temperature instead of a calibration."""
-    plain = Checkpoint({"w": torch.ones(3)}, {}, 32, 3, RunState(thresholds={"default": 0.5, "youden": 0.3})).to_dict()
-    del plain["calibration"]
-    torch.save(plain | {"format": 1, "temperature": temperature}, path)
+    plain = Checkpoint({"w": torch.ones(3)}, {}, 32, 3).to_dict()
+    del plain["calibration"], plain["validation_counts"]
+    thresholds = {"default": 0.5, "youden": 0.3}  # P(TB) thresholds, as formats 1 and 2 stored them
+    torch.save(plain | {"format": 1, "temperature": temperature, "thresholds": thresholds}, path)
     return path
 
 
 def test_a_format_1_checkpoint_loads_its_temperature_as_a_scale_without_bias(tmp_path):
-    assert CHECKPOINT_FORMAT == 2
+    assert CHECKPOINT_FORMAT == 3
     loaded = Checkpoint.load(format_1_file(tmp_path / "old.pth", temperature=2.5))
 
     assert loaded.state.calibration == Calibration(scale=0.4, bias=0.0)
-    assert loaded.operating_threshold == 0.3 and torch.equal(loaded.model_state["w"], torch.ones(3))
+    assert loaded.operating_threshold == pytest.approx(math.log(0.3 / 0.7)) and torch.equal(
+        loaded.model_state["w"], torch.ones(3)
+    )
     logits = torch.tensor([[0.3, 2.0], [1.0, -1.5]])
     assert tb_probability(logits, loaded.state.calibration).tolist() == pytest.approx(
         (logits / 2.5).softmax(dim=1)[:, 1].tolist(), abs=1e-7
@@ -119,7 +132,7 @@ def test_a_checkpoint_of_an_unknown_format_is_refused_saying_which_formats_are_r
     assert f"cannot use checkpoint {path}: it is in checkpoint format 7, which this version does not read " in str(
         error.value
     )
-    assert "(it reads formats 1, 2;" in str(error.value)
+    assert "(it reads formats 1, 2, 3;" in str(error.value)
 
 
 def test_the_trainer_stores_the_platt_calibration_fitted_on_validation_and_predictions_use_it(trained_run):
@@ -139,15 +152,17 @@ def test_the_trainer_stores_the_platt_calibration_fitted_on_validation_and_predi
     # Every reader of the checkpoint gives sigmoid(scale * d + bias), not the network's softmax.
     d = (logits[:, 1] - logits[:, 0]).double()
     calibrated = torch.sigmoid(calibration.scale * d + calibration.bias).numpy()
-    _, probs = predict_checkpoint(best, val, torch.device("cpu"), 16, 0)
+    _, scores = predict_checkpoint(best, val, torch.device("cpu"), 16, 0)
+    probs = probability_of(scores)
     assert probs == pytest.approx(calibrated, abs=1e-5)
     assert np.abs(probs - logits.softmax(dim=1)[:, 1].numpy()).max() > 1e-3  # the calibration changed P(TB)
-    # The stored operating points are thresholds on the calibrated P(TB).
-    assert best.state.thresholds == pytest.approx(select_thresholds(labels, calibrated), abs=1e-5)
+    # The stored operating points are thresholds on the calibrated log-odds.
+    log_odds = (calibration.scale * d + calibration.bias).numpy()
+    assert best.state.thresholds == pytest.approx(select_thresholds(labels, log_odds), abs=1e-5)
 
     # summary.json's test metrics at 0.5 are those of the calibrated P(TB), as --test-only reports them.
     test = manifest_samples(manifest, "test")
-    test_labels, test_probs = predict_checkpoint(best, test, torch.device("cpu"), 16, 0)
+    test_labels, test_scores = predict_checkpoint(best, test, torch.device("cpu"), 16, 0)
     summary = read_json(trained_run["best"].parent / SUMMARY_NAME)
-    accuracy = float(np.mean((test_probs >= 0.5) == test_labels))
+    accuracy = float(np.mean((test_scores >= 0.0) == test_labels))
     assert summary["test_metrics"]["test_accuracy"] == pytest.approx(accuracy)

@@ -4,6 +4,7 @@ is not one of ours."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields, replace
 
 import pytest
@@ -42,7 +43,7 @@ def test_a_saved_checkpoint_is_a_plain_dict_and_loads_back_field_for_field(tmp_p
     saved.save(path)
 
     plain = torch.load(path, weights_only=True)  # no code runs: tensors and built-in containers only
-    assert type(plain) is dict and plain["format"] == 2 and plain.keys() == KEYS | TRAINING_KEYS
+    assert type(plain) is dict and plain["format"] == 3 and plain.keys() == KEYS | TRAINING_KEYS
     assert plain["preprocessing"] == {"clahe": {"clip_limit": 2.0, "tile_grid": (8, 8)}}
     loaded = Checkpoint.load(path)
     assert loaded.state == state
@@ -98,7 +99,7 @@ def test_the_rebuilt_model_gives_identical_logits(tmp_path):
 
 def test_the_recommended_operating_point_and_the_calibration_defaults():
     fresh = Checkpoint({}, {}, 32, trainable_parameters=0)  # as before the first epoch is validated
-    assert fresh.recommended_operating_point == "default" and fresh.operating_threshold == 0.5
+    assert fresh.recommended_operating_point == "default" and fresh.operating_threshold == 0.0  # log-odds: P 0.5
     assert fresh.state.calibration == Calibration(scale=1.0, bias=0.0)  # predictions are the network's softmax
 
     validated = Checkpoint({}, {}, 32, 0, RunState(thresholds={"default": 0.5, "youden": 0.62, "who_triage": 0.3}))
@@ -123,7 +124,7 @@ def another_architectures_state_dict(path):
 
 def another_format(path):
     plain = Checkpoint({"w": torch.ones(3)}, {}, 32, trainable_parameters=3).to_dict()
-    torch.save(plain | {"format": 3}, path)
+    torch.save(plain | {"format": 4}, path)
     return path
 
 
@@ -139,10 +140,10 @@ def a_key_missing(path):
         (lambda path: path, "file not found"),
         (damaged, "not a safe, readable checkpoint"),
         (another_architectures_state_dict, "not a checkpoint written by resnet50_tb_full.py"),
-        (another_format, "it is in checkpoint format 3, which this version does not read (it reads formats 1, 2"),
+        (another_format, "it is in checkpoint format 4, which this version does not read (it reads formats 1, 2, 3"),
         (a_key_missing, "not a checkpoint written by resnet50_tb_full.py (no 'split_digest')"),
     ],
-    ids=["missing", "damaged", "state-dict", "format-3", "key-missing"],
+    ids=["missing", "damaged", "state-dict", "format-4", "key-missing"],
 )
 def test_a_file_that_is_not_one_of_our_checkpoints_is_refused_naming_the_file(tmp_path, make, problem):
     path = make(tmp_path / "model.pth")
@@ -153,3 +154,24 @@ def test_a_file_that_is_not_one_of_our_checkpoints_is_refused_naming_the_file(tm
     message = str(error.value)
     assert f"cannot use checkpoint {path}: {problem}" in message
     assert "python resnet50_tb_full.py" in message  # how to get one that works
+
+
+def test_a_format_2_checkpoint_loads_its_p_tb_thresholds_as_log_odds_that_decide_alike(tmp_path):
+    """Format 2 stored P(TB) thresholds, compared with a float32 softmax; format 3 stores log-odds. A stored
+    1.0 (a WHO triage point on saturated scores) meant "TB where float32 P(TB) is 1.0", not "never TB"."""
+    plain = Checkpoint({"w": torch.ones(3)}, {}, 32, trainable_parameters=3).to_dict()
+    del plain["validation_counts"]  # format 2 had none
+    stored = {"default": 0.5, "youden": 0.62, "who_triage": 1.0}
+    torch.save(plain | {"format": 2, "thresholds": stored}, tmp_path / "old.pth")
+
+    loaded = Checkpoint.load(tmp_path / "old.pth")
+
+    thresholds = loaded.state.thresholds
+    assert thresholds["default"] == 0.0 and thresholds["youden"] == pytest.approx(math.log(0.62 / 0.38), abs=1e-12)
+    assert loaded.state.validation_counts == {} and loaded.operating_threshold == thresholds["youden"]
+    gaps = torch.tensor([-3.0, 0.0, 0.48, 0.5, 0.49, 2.0, 16.6, 16.63, 16.64, 16.7, 17.4, 25.0, 60.0])
+    for offset in (-4.0, 0.0, 7.0):  # the Normal logit: float32 softmax rounds alike wherever the pair sits
+        logits = torch.stack([torch.full_like(gaps, offset), offset + gaps], dim=1)
+        old_p = torch.softmax(logits.float(), dim=1)[:, 1]
+        for name, p in stored.items():
+            assert (old_p >= p).tolist() == (gaps.double().numpy() >= thresholds[name]).tolist(), (name, offset)

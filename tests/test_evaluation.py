@@ -22,7 +22,7 @@ from tbcxr.config import MANIFEST_NAME
 from tbcxr.errors import DataError
 from tbcxr.evaluation import predict_checkpoint
 from tbcxr.layout import discover_dataset
-from tbcxr.metrics import bootstrap_metrics, classification_metrics, select_thresholds, with_intervals
+from tbcxr.metrics import bootstrap_metrics, classification_metrics, probability_of, select_thresholds, with_intervals
 from tbcxr.split import held_out_samples, manifest_samples
 
 
@@ -81,7 +81,7 @@ def test_thresholds_chosen_on_validation_are_stored_and_applied(trained_run, cap
     assert youden["sensitivity"] + youden["specificity"] - 1 == pytest.approx(
         max(
             m["sensitivity"] + m["specificity"] - 1
-            for m in (classification_metrics(labels, probs, t) for t in np.r_[probs, 1.0])
+            for m in (classification_metrics(labels, probs, t) for t in np.r_[probs, np.inf])
         )
     )
 
@@ -96,7 +96,7 @@ def test_thresholds_chosen_on_validation_are_stored_and_applied(trained_run, cap
         [e.experiment_id for e in client.search_experiments()], filter_string="attributes.run_name = 'eval-split_test'"
     )
     assert evaluation_run.data.tags["training_run_id"] == report["training_run_id"]
-    assert (trained_run["best"].parent / "eval_split_test.json").is_file()
+    assert (trained_run["best"].parent / f"eval_{trained_run['best'].stem}_split_test_manifest.json").is_file()
     # MLFLOW_TRACKING_URI comes before the training run's store.
     elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
@@ -125,9 +125,9 @@ def test_thresholds_chosen_on_validation_are_stored_and_applied(trained_run, cap
         16,
         score_faithfulness=False,
     )
-    assert stored["youden"] != 0.5
-    assert [e.prob_tb for e in explanations] == pytest.approx(list(test_probs), abs=1e-6)
-    assert [e.predicted for e in explanations] == [int(p >= stored["youden"]) for p in test_probs]
+    assert stored["youden"] != 0.0  # log-odds: not P(TB) 0.5
+    assert [e.log_odds for e in explanations] == pytest.approx(list(test_probs), abs=1e-5)
+    assert [e.predicted for e in explanations] == [int(s >= stored["youden"]) for s in test_probs]
 
 
 def test_external_flat_folder_is_used_whole_with_figures_and_mlflow_run(trained_run, tmp_path, monkeypatch):
@@ -159,7 +159,9 @@ def test_external_flat_folder_is_used_whole_with_figures_and_mlflow_run(trained_
     assert report["n_images"] == 9 and report["class_counts"] == {"Normal": 5, "Tuberculosis": 4}
     assert "external test set" in report["data"]
     ckpt_dir = trained_run["best"].parent
-    written = json.loads((ckpt_dir / "eval_hospital_b.json").read_text())
+    (json_path,) = ckpt_dir.glob(f"eval_{trained_run['best'].stem}_hospital_b_*.json")  # checkpoint, folder, digest
+    prefix = json_path.stem
+    written = json.loads(json_path.read_text())
     assert (
         written["thresholds"]["default"]["metrics"]["auc"]["ci_low"]
         <= written["thresholds"]["default"]["metrics"]["auc"]["value"]
@@ -168,16 +170,16 @@ def test_external_flat_folder_is_used_whole_with_figures_and_mlflow_run(trained_
     # Drawn, not just titled (an empty titled figure has no coloured pixel): curves colour about 1% of
     # their figure, matrix cells half. The matrices and the reliability curve are these predictions'.
     for kind in ("roc", "pr", "confusion", "training_curves"):
-        assert coloured_share(ckpt_dir / f"eval_hospital_b_{kind}.png") > (0.2 if kind == "confusion" else 0.002), kind
+        assert coloured_share(ckpt_dir / f"{prefix}_{kind}.png") > (0.2 if kind == "confusion" else 0.002), kind
     labels, probs = predict_checkpoint(Checkpoint.load(trained_run["best"]), samples, torch.device("cpu"), 16, 0)
-    matrices = drawn["eval_hospital_b_confusion.png"].axes
+    matrices = drawn[f"{prefix}_confusion.png"].axes
     assert len(matrices) == len(report["thresholds"])
     for ax, entry in zip(matrices, report["thresholds"].values()):
         counts = confusion_matrix(labels, probs >= entry["threshold"], labels=[0, 1]).ravel()
         assert [t.get_text() for t in ax.texts] == [str(n) for n in counts]
-    reliability = drawn["eval_hospital_b_reliability.png"].axes[0]
+    reliability = drawn[f"{prefix}_reliability.png"].axes[0]
     (curve,) = [line for line in reliability.lines if line.get_label() == "ResNet50"]
-    fraction_tb, mean_probability = calibration_curve(labels, probs, n_bins=10)
+    fraction_tb, mean_probability = calibration_curve(labels, probability_of(probs), n_bins=10)
     np.testing.assert_allclose(curve.get_xydata(), np.c_[mean_probability, fraction_tb], atol=1e-6)
     client = MlflowClient(trained_run["uri"])
     runs = client.search_runs(
@@ -200,7 +202,7 @@ def test_comparing_a_checkpoint_with_itself(trained_run, tmp_path, monkeypatch):
 
     assert loads == [trained_run["best"]] * 2  # each once: the split checks use them
     a, b = comparison["reports"]
-    assert a["thresholds"] == b["thresholds"]
+    assert json.dumps(a["thresholds"]) == json.dumps(b["thresholds"])  # NaN (undefined) equal as written
     assert comparison["auc_difference"]["difference"] == 0.0 and comparison["auc_difference"]["p_value"] == 1.0
     markdown = (tmp_path / "reports" / "comparison.md").read_text()
     for row in (

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -258,7 +259,8 @@ def cam_setup(stopped_early_run, tmp_path_factory):
     logits = logits_by_hand(checkpoint, paths)
     probs = torch.sigmoid(0.6 * (logits[:, 1] - logits[:, 0]) + 0.3).numpy()
     assert abs(probs[0] - probs[1]) > 1e-3 and 0.1 < probs.min() and probs.max() < 0.9
-    saved["thresholds"] = {**saved["thresholds"], "youden": float(probs.mean())}
+    mean = float(probs.mean())
+    saved["thresholds"] = {**saved["thresholds"], "youden": math.log(mean / (1 - mean))}  # stored as log-odds
     torch.save(saved, checkpoint)
     return {"root": root, "checkpoint": checkpoint, "images": images,
             "probs": dict(zip(map(str, paths), probs.tolist())), "threshold": float(probs.mean())}  # fmt: skip
@@ -283,7 +285,8 @@ def test_gradcam_explains_the_predicted_class_with_the_checkpoint_calibration_an
         assert row["probability_tuberculosis"] == pytest.approx(cam_setup["probs"][row["image"]], abs=2e-6)
         tb = cam_setup["probs"][row["image"]] >= cam_setup["threshold"]
         assert row["predicted_label"] == ("Tuberculosis" if tb else "Normal")
-        assert row["threshold"] == pytest.approx(cam_setup["threshold"], abs=2e-6)
+        threshold = cam_setup["threshold"]
+        assert row["threshold_log_odds"] == pytest.approx(math.log(threshold / (1 - threshold)), abs=1e-9)
         assert row["cam_target"] == row["predicted_label"]
         assert row["true_label"] == Path(row["image"]).parent.name  # from the class folders of --images DIR
     assert {row["predicted_label"] for row in rows} == {"Normal", "Tuberculosis"}

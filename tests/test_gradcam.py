@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 
 import numpy as np
@@ -155,27 +156,37 @@ def test_each_map_explains_the_class_it_was_asked_for(tmp_path):
 
 
 def explanation(prob_tb: float, threshold: float, predicted: int, true_label: int = 0) -> cams.Explanation:
+    """`prob_tb` and `threshold` as P(TB); the explanation holds the log-odds that decide."""
     rng = np.random.default_rng(0)
     return cams.Explanation(
         path="case.png",
         true_label=true_label,
         prob_tb=prob_tb,
+        log_odds=math.log(prob_tb / (1 - prob_tb)),
         predicted=predicted,
         target=predicted,
         cam=rng.random((32, 32), dtype=np.float32),
         rgb=rng.random((32, 32, 3), dtype=np.float32),
         road=0.1,
-        threshold=threshold,
+        threshold=math.log(threshold / (1 - threshold)),
+        chosen_on="validation (30 Normal and 21 Tuberculosis)",
     )
 
 
 def test_captions_give_p_tb_against_the_threshold_in_every_figure(tmp_path, monkeypatch):
     below = explanation(0.515, 0.6, predicted=0)
-    assert cams.caption(below) == "True: Normal | Pred: Normal | P(TB) 51.5% < threshold 60.0%"
-    assert cams.caption(explanation(0.61, 0.6, predicted=1)) == (
-        "True: Normal | Pred: Tuberculosis  WRONG | P(TB) 61.0% ≥ threshold 60.0%"
+    assert cams.caption(below) == (
+        "True: Normal | Pred: Normal | P(TB) 51.5% vs threshold 60.0%: log-odds 0.1 < 0.4 | "
+        "threshold chosen on validation (30 Normal and 21 Tuberculosis)"
     )
-    assert cams.caption(explanation(0.5996, 0.6, predicted=0)).endswith("P(TB) 59.96% < threshold 60.00%")
+    assert "P(TB) 61.0% vs threshold 60.0%: log-odds 0.45 ≥ 0.41" in cams.caption(explanation(0.61, 0.6, predicted=1))
+    assert "P(TB) 59.96% vs threshold 60.00%: log-odds 0.40 < 0.41" in cams.caption(
+        explanation(0.5996, 0.6, predicted=0)
+    )
+    # Saturated: P(TB) prints alike on both sides; the log-odds, with as many decimals as it takes, do not.
+    saturated = explanation(0.5, 0.5, predicted=0)
+    saturated.log_odds, saturated.threshold, saturated.prob_tb = 40.25, 40.5, 1.0
+    assert "P(TB) 100.0% vs threshold 100.0%: log-odds 40.2 < 40.5" in cams.caption(saturated)
 
     figures = []
     monkeypatch.setattr(cams, "save_figure", lambda fig, path, dpi: figures.append(fig))
@@ -186,7 +197,8 @@ def test_captions_give_p_tb_against_the_threshold_in_every_figure(tmp_path, monk
     for fig in figures:
         text = " ".join([t.get_text() for t in fig.texts] + [ax.get_title() for ax in fig.axes])
         cams.pyplot().close(fig)
-        assert "Pred: Normal" in text and "P(TB) 51.5% < threshold 60.0%" in text
+        assert "Pred: Normal" in text and "P(TB) 51.5% vs threshold 60.0%: log-odds 0.1 < 0.4" in text
+        assert "chosen on validation (30 Normal and 21 Tuberculosis)" in text
         assert "48.5%" not in text  # 1 - P(TB) would read as "48.5% sure it is Normal"
 
 

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, learning_metrics, logits_by_hand, make_organized, write_xrays
-from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.metrics import accuracy_score, average_precision_score, balanced_accuracy_score, f1_score, roc_auc_score
 from sklearn.utils import resample
 
 import resnet50_tb_full as trainer
-from tbcxr.evaluation import evaluation_report, paired_auc_difference
+from tbcxr.comparison import paired_auc_difference
+from tbcxr.evaluation import evaluation_report
 
 
 def error_of(argv: list[str]) -> str:
@@ -166,13 +167,14 @@ def test_the_final_test_scores_the_best_checkpoint_not_the_last_epoch(stopped_ea
     monkeypatch.chdir(tmp_path)
     trainer.main(["--test-only", "--resume", str(tmp_path / stopped_early_run["best"].name), "--num-workers", "0",
                   "--bootstrap-resamples", "50"])  # fmt: skip
-    rescored = json.loads((tmp_path / "eval_split_test.json").read_text())["thresholds"]["default"]["metrics"]
+    (evaluated,) = tmp_path.glob(f"eval_{stopped_early_run['best'].stem}_split_test_*.json")
+    rescored = json.loads(evaluated.read_text())["thresholds"]["default"]["metrics"]
     for name in ("accuracy", "sensitivity", "specificity", "auc", "average_precision"):
         assert metrics[f"test_{name}"] == pytest.approx(rescored[name]["value"]), name
 
 
 # --------------------------------------------------------------------------- statistics against hand-made cases
-def test_every_interval_is_the_2_5_to_97_5_percentile_of_the_seeded_stratified_bootstrap():
+def test_every_bootstrapped_interval_is_the_2_5_to_97_5_percentile_of_the_seeded_stratified_bootstrap():
     rng = np.random.default_rng(4)
     labels = np.repeat([0, 1], [30, 20])
     probs = np.clip(0.35 + 0.3 * labels + rng.normal(0, 0.2, len(labels)), 0, 1)
@@ -182,19 +184,20 @@ def test_every_interval_is_the_2_5_to_97_5_percentile_of_the_seeded_stratified_b
     # The resamples by hand: stratified by class, drawn from one RandomState(seed) in turn.
     state, index = np.random.RandomState(11), np.arange(len(labels))
     draws = [resample(index, stratify=labels, random_state=state) for _ in range(100)]
-    by_hand = {
-        "auc": [roc_auc_score(labels[i], probs[i]) for i in draws],
-        "accuracy": [accuracy_score(labels[i], probs[i] >= 0.5) for i in draws],
-        "sensitivity": [np.mean(probs[i][labels[i] == 1] >= 0.5) for i in draws],
+    by_hand = {  # proportions have Wilson intervals and the AUC Newcombe's (tests/test_saturation_and_intervals.py)
+        "average_precision": [average_precision_score(labels[i], probs[i]) for i in draws],
+        "balanced_accuracy": [balanced_accuracy_score(labels[i], probs[i] >= 0.5) for i in draws],
+        "f1": [f1_score(labels[i], probs[i] >= 0.5) for i in draws],
     }
     metrics = report["thresholds"]["default"]["metrics"]
     for name, values in by_hand.items():
         low, high = np.percentile(values, [2.5, 97.5])
         assert (metrics[name]["ci_low"], metrics[name]["ci_high"]) == pytest.approx((low, high)), name
         assert metrics[name]["ci_low"] < metrics[name]["value"] < metrics[name]["ci_high"], name
+        assert metrics[name]["method"] == "bootstrap", name
     # A 90% interval would be strictly narrower on this case.
-    narrower = np.percentile(by_hand["auc"], [5, 95])
-    assert metrics["auc"]["ci_high"] - metrics["auc"]["ci_low"] > narrower[1] - narrower[0]
+    narrower = np.percentile(by_hand["average_precision"], [5, 95])
+    assert metrics["average_precision"]["ci_high"] - metrics["average_precision"]["ci_low"] > narrower[1] - narrower[0]
 
 
 def test_the_paired_p_value_is_two_sided_on_a_case_computed_by_hand():

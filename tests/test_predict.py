@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 import re
 import shutil
 
@@ -94,31 +95,36 @@ def test_every_file_gets_a_row_with_its_status_and_p_tb_equals_test_only(trained
     assert set(rows) == images | set(JUNK)  # one row per file, the hidden one aside, paths relative to the folder
     for path in images:
         assert rows[path]["status"] == "ok", rows[path]
-        assert rows[path]["decision"] == ("Tuberculosis" if float(rows[path]["p_tb"]) >= checkpoint.operating_threshold
-                                          else "Normal")  # fmt: skip
+        assert rows[path]["decision"] == ("Tuberculosis" if float(rows[path]["log_odds"])
+                                          >= checkpoint.operating_threshold else "Normal")  # fmt: skip
     for path, status in JUNK.items():
         assert rows[path]["status"].startswith(status), rows[path]
-        assert rows[path]["p_tb"] == rows[path]["decision"] == ""
+        assert rows[path]["p_tb"] == rows[path]["log_odds"] == rows[path]["decision"] == ""
     # P(TB) as torchvision alone computes it from the file and the stored calibration: no shared code.
     pictures = sorted(path for path in images if path.endswith((".png", ".jpg")))
     logits = logits_by_hand(best, [new_site / path for path in pictures])
     scale, bias = checkpoint.state.calibration.scale, checkpoint.state.calibration.bias
     by_hand = torch.sigmoid(scale * (logits[:, 1] - logits[:, 0]) + bias)
     assert [float(rows[path]["p_tb"]) for path in pictures] == pytest.approx(by_hand.tolist(), abs=2e-6)
+    log_odds = scale * (logits[:, 1] - logits[:, 0]) + bias  # TB minus Normal, scaled, then shifted
+    assert [float(rows[path]["log_odds"]) for path in pictures] == pytest.approx(log_odds.tolist(), abs=2e-5)
     digest = hashlib.sha256(best.read_bytes()).hexdigest()[:12]
-    assert {(r["threshold"], r["operating_point"], r["checkpoint"]) for r in rows.values()} == {
-        (f"{checkpoint.operating_threshold:.6f}", checkpoint.recommended_operating_point, digest)
+    threshold = checkpoint.operating_threshold
+    assert {(float(r["threshold_log_odds"]), r["operating_point"], r["checkpoint"]) for r in rows.values()} == {
+        (threshold, checkpoint.recommended_operating_point, digest)  # every digit: repr round-trips
     }
+    assert {float(r["threshold"]) for r in rows.values()} == {1 / (1 + math.exp(-threshold))}
     called = sum(r["decision"] == "Tuberculosis" for r in rows.values())
     assert (
         f"Predicted {len(rows)} files: {len(images)} ok, {len(JUNK)} unreadable, {called} called Tuberculosis at "
-        f"threshold {checkpoint.operating_threshold:.4f} ({checkpoint.recommended_operating_point}); "
-        f"wrote {tmp_path / 'predictions.csv'}"
+        f"log-odds {threshold!r} (P(TB) {1 / (1 + math.exp(-threshold)):.6g}) "
+        f"({checkpoint.recommended_operating_point}); wrote {tmp_path / 'predictions.csv'}"
     ) in capsys.readouterr().out
 
     trainer.main(["--test-only", "--resume", str(best), "--data-dir", str(new_site), "--num-workers", "0",
                   "--bootstrap-resamples", "20", "--tracking-uri", trained_run["uri"]])  # fmt: skip
-    with open(best.parent / "eval_new_site_predictions.csv") as f:
+    (labelled,) = best.parent.glob(f"eval_{best.stem}_new_site_*_predictions.csv")
+    with open(labelled) as f:
         scored = list(csv.DictReader(f))
     assert {row["path"] for row in scored} == {str(new_site / path) for path in images}  # DICOMs too
     for row in scored:
@@ -126,7 +132,7 @@ def test_every_file_gets_a_row_with_its_status_and_p_tb_equals_test_only(trained
         assert float(row["p_tb"]) == pytest.approx(float(rows[relative]["p_tb"]), abs=1e-5)
         assert row["true_label"] == relative.split("/")[0]
         for name, threshold in checkpoint.state.thresholds.items():
-            assert row[f"decision_{name}"] == ("Tuberculosis" if float(row["p_tb"]) >= threshold else "Normal")
+            assert row[f"decision_{name}"] == ("Tuberculosis" if float(row["log_odds"]) >= threshold else "Normal")
 
 
 def test_a_linked_image_is_listed_under_its_name_in_the_folder(trained_run, new_site, tmp_path):
@@ -144,10 +150,10 @@ def test_operating_point_sets_the_threshold_and_unknown_names_are_listed(trained
 
     rows = predict(trained_run["best"], new_site / "Normal", tmp_path / "p.csv", "--operating-point", "who_triage")
 
-    assert {(r["threshold"], r["operating_point"]) for r in rows.values()} == {
-        (f"{thresholds['who_triage']:.6f}", "who_triage")
+    assert {(float(r["threshold_log_odds"]), r["operating_point"]) for r in rows.values()} == {
+        (thresholds["who_triage"], "who_triage")
     }
-    assert all(r["decision"] == ("Tuberculosis" if float(r["p_tb"]) >= thresholds["who_triage"] else "Normal")
+    assert all(r["decision"] == ("Tuberculosis" if float(r["log_odds"]) >= thresholds["who_triage"] else "Normal")
                for r in rows.values())  # fmt: skip
     with exits_with(capsys, "no operating point 'site_a'; it stores: default .*youden .*who_triage"):
         predict(trained_run["best"], new_site / "Normal", tmp_path / "q.csv", "--operating-point", "site_a")
@@ -163,7 +169,7 @@ def test_maps_top_renders_the_highest_p_tb_only_and_none_computes_no_map(trained
     assert len(per_image) == 2
     with open(out / "gradcam_index_full_training.csv") as f:
         mapped = [row["image"] for row in csv.DictReader(f)]
-    ok = [(float(r["p_tb"]), path) for path, r in rows.items() if r["status"] == "ok"]
+    ok = [(float(r["log_odds"]), path) for path, r in rows.items() if r["status"] == "ok"]
     assert sorted(mapped) == sorted(str(new_site / path) for _, path in sorted(ok, reverse=True)[:2])
 
     monkeypatch.setattr(gradcam, "explain", lambda *a, **k: pytest.fail("a map was computed"))

@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 
 import resnet50_tb_full as trainer
 from tbcxr.checkpoint import Checkpoint
-from tbcxr.evaluation import paired_auc_difference, predict_checkpoint
+from tbcxr.comparison import paired_auc_difference
+from tbcxr.evaluation import predict_checkpoint
 from tbcxr.metrics import classification_metrics, format_p_value, select_thresholds
 
 
@@ -57,15 +58,15 @@ def test_youden_keeps_nobody_tb_when_that_end_wins_above_scores_of_exactly_one()
     assert not (torch.tensor(probs) >= threshold).any()  # float32 tensors, as GradCAM compares them
 
 
-def test_a_youden_stretch_one_float32_step_wide_decides_alike_in_float32_and_float64():
-    # The middle of 0.99999976 and 0.99999982 (adjacent float32) is a float64 that rounds down onto the Normal
-    # score in a float32 comparison: that case was then called TB by the metrics, GradCAM and the server.
-    labels = np.array([0, 0, 1, 1])
-    probs = np.array([0.2, 0.99999976, 0.99999982, 0.99999982], dtype=np.float32)
-    threshold = select_thresholds(labels, probs)["youden"]
-    assert youden_at(labels, probs, threshold) == 1.0  # float32 scores against the threshold
-    assert youden_at(labels, probs.astype(np.float64), threshold) == 1.0  # as the prediction CSV compares
-    assert (torch.tensor(probs) >= threshold).tolist() == [False, False, True, True]
+def test_a_youden_stretch_one_double_step_wide_keeps_the_normal_case_normal():
+    # Scores are float64 log-odds now; the middle of two adjacent doubles rounds onto one of them. Landing on
+    # the Normal score would call it TB (scores >= t): the threshold must stay above it.
+    low = 12.5
+    high = np.nextafter(low, np.inf)
+    labels, scores = np.array([0, 0, 1, 1]), np.array([-3.0, low, high, high])
+    threshold = select_thresholds(labels, scores)["youden"]
+    assert youden_at(labels, scores, threshold) == 1.0
+    assert (scores >= threshold).tolist() == [False, False, True, True]
 
 
 # --------------------------------------------------------------------------- a p-value at the test's resolution

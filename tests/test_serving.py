@@ -10,6 +10,7 @@ import base64
 import contextlib
 import csv
 import io
+import math
 import os
 import re
 import subprocess
@@ -107,14 +108,14 @@ def predictor_probabilities(checkpoint_path: Path, files: list[Path]) -> list[fl
 def assert_answers(answer: pd.DataFrame, checkpoint_path: Path, files: list[Path]) -> None:
     """The checkpoint's P(TB) for each file in request order, decided at its recommended operating point."""
     checkpoint = Checkpoint.load(checkpoint_path)
-    threshold = checkpoint.operating_threshold
+    threshold = 1 / (1 + math.exp(-checkpoint.operating_threshold))  # stored as log-odds, answered as P(TB)
     assert list(answer.columns) == list(OUTPUT_COLUMNS)
     assert list(answer["status"]) == ["ok"] * len(files)
     np.testing.assert_allclose(
         answer["p_tb"].astype(float), predictor_probabilities(checkpoint_path, files), rtol=0, atol=1e-5
     )
     assert list(answer["decision"]) == ["Tuberculosis" if p >= threshold else "Normal" for p in answer["p_tb"]]
-    assert list(answer["threshold"]) == [threshold] * len(files)
+    assert list(answer["threshold"]) == pytest.approx([threshold] * len(files), rel=1e-15)
     assert list(answer["operating_point"]) == [checkpoint.recommended_operating_point] * len(files)
     assert list(answer["model_version"]) == [checkpoint_digest(checkpoint_path)] * len(files)
 

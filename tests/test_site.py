@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from scipy.stats import binomtest
 
+import resnet50_gradcam_tb_full as gradcam
 import resnet50_tb_full as trainer
 from tbcxr import site
 from tbcxr.checkpoint import Checkpoint
@@ -27,15 +28,23 @@ from tbcxr.evaluation import predict_checkpoint
 from tbcxr.figures import site_threshold_figure
 from tbcxr.metrics import Calibration, select_thresholds
 
-# 20 TB and 20 Normal images with four distinct scores, so every count below is worked out by hand.
+# 20 TB and 20 Normal images with four distinct scores, so every count below is worked out by hand. Scores and
+# thresholds are log-odds; the table is keyed here by P(TB) (rounded) for readability.
 HAND_LABELS = np.repeat([1, 0], 20)
 HAND_PROBS = np.r_[[0.8] * 17, [0.35] * 3, [0.1] * 16, [0.55] * 4]
-STORED = {"default": 0.5, "youden": 0.42, "who_triage": 0.2}
+HAND_SCORES = np.log(HAND_PROBS / (1 - HAND_PROBS))
+STORED = {name: math.log(p / (1 - p)) for name, p in {"default": 0.5, "youden": 0.42, "who_triage": 0.2}.items()}
+YOUDEN = (math.log(0.55 / 0.45) + math.log(0.8 / 0.2)) / 2  # the middle of (0.55, 0.8] in log-odds
+WHO = (math.log(0.1 / 0.9) + math.log(0.35 / 0.65)) / 2  # midway between the lowest TB score and the next lower
+
+
+def p_of(log_odds: float) -> float:
+    return round(1 / (1 + math.exp(-log_odds)), 6)
 
 
 def hand_table(prevalence: float = 0.05) -> dict[float, dict]:
-    rows = site.site_threshold_table(HAND_LABELS, HAND_PROBS, prevalence, STORED)
-    return {row["threshold"]: row for row in rows}
+    rows = site.site_threshold_table(HAND_LABELS, HAND_SCORES, prevalence, STORED)
+    return {p_of(row["threshold"]): row for row in rows}
 
 
 def test_a_threshold_row_holds_the_hand_computed_counts_rates_and_predictive_values():
@@ -60,16 +69,17 @@ def test_candidates_are_the_grid_the_refitted_and_the_stored_points_sorted_once_
     assert thresholds == sorted(set(thresholds))
     grid = [round(0.05 * k, 2) for k in range(1, 20)]
     assert set(grid) <= set(thresholds)
-    # Youden's J is maximal (0.85) on (0.55, 0.8]: its middle 0.675, as the float32 that scores are compared
-    # with. The highest threshold reaching sensitivity 0.90 is the lowest TB score, 0.35, also a grid point.
-    youden = float(np.float32(0.675))
-    assert table[youden]["source"] == "site youden"
-    assert table[0.35]["source"] == "grid, site who_triage"
+    # Youden's J is maximal (0.85) on (0.55, 0.8]: its middle in log-odds. The highest threshold reaching
+    # sensitivity 0.90 keeps the lowest TB score, 0.35: the point lies midway between it and the next lower, 0.1.
+    assert table[p_of(YOUDEN)]["source"] == "site youden"
+    assert table[p_of(WHO)]["source"] == "site who_triage" and table[0.35]["source"] == "grid"
     assert table[0.42]["source"] == "checkpoint youden"
     assert table[0.2]["source"] == "grid, checkpoint who_triage"
-    assert set(thresholds) == set(grid) | {youden, 0.42}
+    assert set(thresholds) == set(grid) | {p_of(YOUDEN), p_of(WHO), 0.42}
     refitted = site.refitted_rows(list(table.values()))
-    assert {name: row["threshold"] for name, row in refitted.items()} == {"youden": youden, "who_triage": 0.35}
+    assert {name: row["threshold"] for name, row in refitted.items()} == pytest.approx(
+        {"youden": YOUDEN, "who_triage": WHO}
+    )
 
 
 def wilson_by_formula(successes: int, trials: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -91,15 +101,19 @@ def test_intervals_are_95_percent_wilson_intervals():
             assert row[f"{metric}_ci_low"] <= row[metric] <= row[f"{metric}_ci_high"]
 
 
-def test_who_triage_is_marked_exactly_where_both_targets_hold():
+def test_who_triage_is_marked_exactly_where_both_lower_bounds_reach_the_targets():
     table = hand_table()
-    # 0.15 to 0.35: all 20 TB called (sensitivity 1.0), the 16 Normal at 0.1 cleared (specificity 0.80).
-    # At 0.1 every Normal is called; above 0.35 three TB are missed (0.85 < 0.90).
-    met = {t for t, row in table.items() if row["meets_who_triage"]}
-    assert met == {0.15, 0.2, 0.25, 0.3, 0.35}
-    for row in table.values():
-        by_counts = row["tp"] / (row["tp"] + row["fn"]) >= 0.90 and row["tn"] / (row["tn"] + row["fp"]) >= 0.70
-        assert row["meets_who_triage"] == by_counts
+    # 0.15 to 0.35: all 20 TB called (sensitivity 1.0), but 20/20 has a lower Wilson bound of 0.839 < 0.90:
+    # 20 TB images cannot show the target is met, so no row is marked.
+    assert not any(row["meets_who_triage"] for row in table.values())
+    assert table[0.35]["sensitivity"] == 1.0 and table[0.35]["specificity"] == 0.8
+    # 40 TB all called (lower bound 40 / (40 + z^2) = 0.912) and 36 of 40 Normal cleared (lower bound 0.769).
+    labels, scores = np.repeat([1, 0], 40), np.r_[[2.0] * 40, [-2.0] * 36, [2.0] * 4]
+    rows = {row["threshold"]: row for row in site.site_threshold_table(labels, scores, 0.05, {})}
+    met = {t for t, row in rows.items() if row["meets_who_triage"]}
+    assert met == {t for t in rows if -2.0 < t <= 2.0}
+    for row in [*table.values(), *rows.values()]:
+        assert row["meets_who_triage"] == (row["sensitivity_ci_low"] >= 0.90 and row["specificity_ci_low"] >= 0.70)
 
 
 @pytest.mark.parametrize(
@@ -118,7 +132,7 @@ def test_a_sample_with_one_class_or_too_few_of_one_is_refused_with_the_reason(la
 
 
 def test_tables_and_plot_say_what_they_show(tmp_path):
-    rows = site.site_threshold_table(HAND_LABELS, HAND_PROBS, 0.02, STORED)
+    rows = site.site_threshold_table(HAND_LABELS, HAND_SCORES, 0.02, STORED)
     csv_path, md_path = site.write_site_tables(rows, tmp_path / "eval_x", prevalence=0.02, checkpoint=Path("a/b.pth"))
     with open(csv_path, newline="") as f:
         written = list(csv.DictReader(f))
@@ -127,15 +141,20 @@ def test_tables_and_plot_say_what_they_show(tmp_path):
     markdown = md_path.read_text()
     assert "40 images (20 Tuberculosis, 20 Normal): sample prevalence 50.0%" in markdown
     assert "screening prevalence of 2.0%" in markdown and "a/b.pth" in markdown
-    table_lines = [line for line in markdown.splitlines() if line.startswith("| 0.")]
+    lines = markdown.splitlines()
+    table_lines = lines[lines.index(next(line for line in lines if line.startswith("|---"))) + 1 :]
     assert len(table_lines) == len(rows)
-    assert table_lines[0].count("| n/a |") == 2  # at 0.05 every image is called TB: no NPV, not NPV 0 or 1
+    cells = table_lines[0].split(" | ")  # at P(TB) 0.05 every image is called TB: no NPV, not NPV 0 or 1
+    assert cells[0] == "| -2.9444 (0.05)" and cells[9] == "n/a" and cells[11].startswith("n/a [")
     assert [line.endswith("| **met** |") for line in table_lines] == [r["meets_who_triage"] for r in rows]
-    assert "| 0.675 | site Youden's J |" in markdown
+    assert f"| {YOUDEN:.4f} ({p_of(YOUDEN):.4g}) | site Youden's J |" in markdown
 
     assert_both_curves_and_bands(
         site_threshold_figure(
-            rows, {"youden": float(np.float32(0.675)), "who_triage": 0.35}, tmp_path / "site.png", "hand"
+            rows,
+            {name: row["threshold"] for name, row in site.refitted_rows(rows).items()},
+            tmp_path / "site.png",
+            "hand",
         )
     )
 
@@ -192,11 +211,12 @@ def test_site_thresholds_write_the_table_plot_and_a_refitted_checkpoint_leaving_
     said = "the network's softmax (no calibration stored)" if calibration == Calibration() else (
         f"calibrated with scale {calibration.scale:.3f}, bias {calibration.bias:+.3f}")  # fmt: skip
     assert f"sample prevalence 48.0%), P(TB) {said}:" in out
-    new_path = checkpoint_copy.with_name(f"{checkpoint_copy.stem}_site_hospital_c.pth")
+    (new_path,) = checkpoint_copy.parent.glob(f"{checkpoint_copy.stem}_site_hospital_c_*.pth")
     assert f"Refitted checkpoint: {new_path}" in out and f"{checkpoint_copy} unchanged" in out
     assert sha256(checkpoint_copy) == original_sha
 
-    prefix = checkpoint_copy.parent / "eval_hospital_c_site_thresholds"
+    (table,) = checkpoint_copy.parent.glob(f"eval_{checkpoint_copy.stem}_hospital_c_*_site_thresholds.csv")
+    prefix = Path(str(table).removesuffix(".csv"))
     with open(f"{prefix}.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert all(int(r["tp"]) + int(r["fn"]) == 24 and int(r["tn"]) + int(r["fp"]) == 26 for r in rows)
@@ -205,8 +225,8 @@ def test_site_thresholds_write_the_table_plot_and_a_refitted_checkpoint_leaving_
     assert_both_curves_and_bands(Path(f"{prefix}.png"))
 
     # The new checkpoint's points are the ones this sample's scores give, and the table lists them.
-    labels, probs = predict_checkpoint(original, samples, torch.device("cpu"), 16, 0)
-    expected = select_thresholds(labels, probs)
+    labels, scores = predict_checkpoint(original, samples, torch.device("cpu"), 16, 0)
+    expected = select_thresholds(labels, scores)
     refitted = Checkpoint.load(new_path)
     assert refitted.state.thresholds == pytest.approx(expected)
     for name in ("youden", "who_triage"):
@@ -220,6 +240,7 @@ def test_site_thresholds_write_the_table_plot_and_a_refitted_checkpoint_leaving_
     assert (refitted.site["images"], refitted.site["Tuberculosis"], refitted.site["Normal"]) == (50, 24, 26)
     assert refitted.site["refitted_from_sha256"] == original_sha and original.site is None
     assert report["site_thresholds"]["checkpoint"] == str(new_path)
+    assert sorted(refitted.site["pixel_sha1"]) == sorted(split_hashes(samples))  # the sample, by content
 
     client = MlflowClient(trained_run["uri"])
     (run,) = client.search_runs(
@@ -270,3 +291,61 @@ def test_site_flags_are_refused_where_they_cannot_apply(flags, message, capsys):
     with pytest.raises(SystemExit) as refused:
         trainer.config_from_args(flags)
     assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
+def split_hashes(samples) -> list[str]:
+    from tbcxr.data_quality import scan_images
+
+    return list(scan_images([path for path, _ in samples], workers=1).pixel_hash.values())
+
+
+def test_a_site_checkpoint_is_never_tested_on_its_own_sample_nor_overwritten_by_a_namesake(
+    checkpoint_copy, trained_run, tmp_path, capsys
+):
+    fit = [
+        "--site-thresholds",
+        "--bootstrap-resamples",
+        "20",
+        "--num-workers",
+        "0",
+        "--tracking-uri",
+        trained_run["uri"],
+    ]
+    sample = tmp_path / "a" / "clinic"
+    labelled_sample(sample, normal=20, tuberculosis=20)
+    trainer.main(["--test-only", "--resume", str(checkpoint_copy), "--data-dir", str(sample), *fit])
+    (site_path,) = checkpoint_copy.parent.glob("*_site_clinic_*.pth")
+    site_sha = sha256(site_path)
+    fitting_files = sorted(checkpoint_copy.parent.glob("eval_*"))
+
+    # Another folder of the same name, other images: a new site checkpoint, the first one untouched.
+    namesake = tmp_path / "b" / "clinic"
+    samples = [(str(p), 0) for p in write_xrays(namesake / "Normal", 20, False, size=40, seed=23)]
+    samples += [(str(p), 1) for p in write_xrays(namesake / "Tuberculosis", 20, True, size=40, seed=23)]
+    trainer.main(["--test-only", "--resume", str(checkpoint_copy), "--data-dir", str(namesake), *fit])
+    assert len(list(checkpoint_copy.parent.glob("*_site_clinic_*.pth"))) == 2 and sha256(site_path) == site_sha
+    capsys.readouterr()
+
+    # The site checkpoint on its own sample: nothing left to test on.
+    with exits_with(capsys, "every image of .* belongs to the site sample clinic .* nothing is left to test on"):
+        trainer.main(["--test-only", "--resume", str(site_path), "--data-dir", str(sample), "--num-workers", "0",
+                      "--tracking-uri", trained_run["uri"]])  # fmt: skip
+    # Its sample plus new images: the sample is left out, said so, and the fitting run's files stay as they were.
+    for label, tuberculosis in (("Normal", False), ("Tuberculosis", True)):
+        for path in write_xrays(tmp_path / "new" / label, 3, tuberculosis, size=40, seed=31):
+            shutil.copy(path, sample / label / f"new_{path.name}")
+    before = {path: sha256(path) for path in fitting_files}
+    report = trainer.main(["--test-only", "--resume", str(site_path), "--data-dir", str(sample), "--num-workers", "0",
+                           "--bootstrap-resamples", "20", "--tracking-uri", trained_run["uri"]])  # fmt: skip
+    assert report["class_counts"] == {"Normal": 3, "Tuberculosis": 3}
+    out = capsys.readouterr().out
+    assert "Left out 40 of 46 images" in out and "site sample clinic" in out
+    assert "Operating points chosen on site sample clinic (20 Normal and 20 Tuberculosis)" in out
+    assert {path: sha256(path) for path in fitting_files} == before
+    # Prediction with the site checkpoint leaves its sample out too, and says so.
+    gradcam.main(["--checkpoint", str(site_path), "--images", str(sample), "--predictions", str(tmp_path / "p.csv"),
+                  "--device", "cpu", "--num-workers", "0"])  # fmt: skip
+    with open(tmp_path / "p.csv") as f:
+        predicted = sorted(row["path"] for row in csv.DictReader(f))
+    assert predicted == sorted(f"{label}/new_img_00{i}.png" for label in ("Normal", "Tuberculosis") for i in range(3))
+    assert "Left out 40 of 46 images of --images" in capsys.readouterr().out

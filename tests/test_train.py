@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from functools import partial
@@ -91,16 +92,25 @@ def test_two_epochs_write_every_checkpoint_summary_and_mlflow_run(tmp_path, orga
     samples = manifest_samples(read_json(ckpt_dir / "split_manifest.json"), "test")
     labels, probs = predict_checkpoint(model_checkpoint, samples, torch.device("cpu"), 16, 0)
     at_point = classification_metrics(labels, probs, threshold)
-    assert model_checkpoint.recommended_operating_point == "youden" and threshold != 0.5
+    assert model_checkpoint.recommended_operating_point == "youden" and threshold != 0.0  # log-odds 0: P(TB) 0.5
+    p_tb = 1 / (1 + math.exp(-threshold))
+    chosen_on = model_checkpoint.operating_points_chosen_on_text
+    assert chosen_on.startswith("validation (") and "Tuberculosis)" in chosen_on
     assert (
-        f"Test Results at Youden's J (threshold {threshold:.4f}, chosen on validation) - "
+        f"Test Results at Youden's J (log-odds {threshold!r} (P(TB) {p_tb:.6g}), chosen on {chosen_on}) - "
         f"Accuracy: {at_point['accuracy']:.4f}, F1: {at_point['f1']:.4f}, Sensitivity: {at_point['sensitivity']:.4f}, "
         f"Specificity: {at_point['specificity']:.4f}, AUC: {at_point['auc']:.4f}"
     ) in out.splitlines()
     assert out.index("Test Results - ") < out.index("Test Results at Youden's J")
     written = json.loads((ckpt_dir / "summary.json").read_text())
     recorded = written["test_metrics_at_operating_point"]
-    assert recorded["name"] == "youden" and recorded["threshold"] == threshold
+    assert recorded["name"] == "youden" and recorded["threshold_log_odds"] == threshold
+    assert recorded["threshold_p_tb"] == pytest.approx(p_tb, rel=1e-12)
+    assert recorded["validation_counts"] == model_checkpoint.state.validation_counts
+    assert (
+        recorded["intervals"]["sensitivity"]["method"] == "wilson"
+        and recorded["intervals"]["auc"]["method"] == "newcombe"
+    )
     for key in ("accuracy", "f1", "sensitivity", "specificity", "auc"):
         assert recorded[f"test_{key}"] == pytest.approx(at_point[key], abs=1e-6), key
     assert set(written["test_metrics"]) >= {

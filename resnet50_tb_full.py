@@ -52,9 +52,9 @@ from tbcxr.model import (
     step_scheduler,
     train_mode,
 )
+from tbcxr.model_registry import log_model, register_servable_model
 from tbcxr.progress import track
 from tbcxr.split import manifest_beside, split_digest
-from tbcxr.tracking import log_model, register_servable_model
 from tbcxr.train_config import TrainConfig, layered_config
 from tbcxr.training import Run, Training, load_resumable, loss_function, lr_multiplier, print_header
 

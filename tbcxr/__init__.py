@@ -19,7 +19,8 @@
     evaluation    --test-only: scoring, reports, intervals, where the operating points came from
     comparison    --compare: two checkpoints on the same images, the paired test
     figures       every plot, one save helper
-    tracking      MLflow: store choice, runs, offline queue, model logging
+    tracking      MLflow: store choice, runs, offline queue, artifact logging
+    model_registry  MLflow model logging: the pt2 model, the servable pyfunc registered in the Model Registry
     demo          synthetic X-rays for --demo
     lungs         the shipped lung-field model (MONAI U-Net): lung masks, the lung box and its margin
     lung_training  training the lung-field model: python -m tbcxr.lung_training

@@ -1,6 +1,6 @@
 """The servable MLflow model: chest X-ray files in, P(TB) and decisions out.
 
-An MLflow "models from code" file: tracking.register_servable_model logs this file as the model (MLflow
+An MLflow "models from code" file: model_registry.register_servable_model logs this file as the model (MLflow
 runs it; no pickle is read), the tbcxr package as its code_paths and a checkpoint as its one artifact.
 A request is a DataFrame with a column `image` of base64-encoded file bytes (PNG, JPEG or DICOM, with or
 without extension or preamble; line breaks in the base64 are allowed). Each image goes through

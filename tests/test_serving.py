@@ -35,7 +35,7 @@ from test_runtime import precision_flags
 
 import resnet50_gradcam_tb_full as gradcam
 import resnet50_tb_full
-from tbcxr import serving, tracking
+from tbcxr import model_registry, serving, tracking
 from tbcxr.checkpoint import Checkpoint
 from tbcxr.predict import Predictor, checkpoint_digest, image_tensor
 from tbcxr.serving import CHECKPOINT_ARTIFACT, CHUNK, MAX_REQUEST_IMAGES, OUTPUT_COLUMNS, TuberculosisClassifier
@@ -62,7 +62,7 @@ def registered_run(tmp_path_factory):
     console = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(console):
         # The suite may skip registration for speed elsewhere; here it is what is tested.
-        patch.setattr(resnet50_tb_full, "register_servable_model", tracking.register_servable_model)
+        patch.setattr(resnet50_tb_full, "register_servable_model", model_registry.register_servable_model)
         resnet50_tb_full.main(
             ["--data-dir", str(data), "--checkpoint-dir", str(root / "ckpt"), "--tracking-uri", uri, *TINY,
              *"--epochs 1 --val-fraction 0.3 --temperature-scaling --registered-model".split(), REGISTERED]
@@ -240,7 +240,7 @@ def test_unreachable_store_skips_registration_with_one_warning(registered_run, t
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     uri_before = os.environ.get("MLFLOW_TRACKING_URI")
     gone = tracking.RunLogger(f"http://127.0.0.1:{free_port()}", "0" * 32, tmp_path / "pending.jsonl")
-    assert tracking.register_servable_model(gone, registered_run["best"], REGISTERED) == ""
+    assert model_registry.register_servable_model(gone, registered_run["best"], REGISTERED) == ""
     warning = capsys.readouterr().err.strip()
     assert gone.offline and len(warning.splitlines()) == 1 and "not registered" in warning
     assert os.environ.get("MLFLOW_TRACKING_URI") == uri_before  # the store choice of later runs is unchanged
@@ -250,7 +250,7 @@ def test_unreachable_store_skips_registration_with_one_warning(registered_run, t
 
 
 def test_resuming_the_finished_run_registers_no_second_version(registered_run, monkeypatch, capsys):
-    monkeypatch.setattr(resnet50_tb_full, "register_servable_model", tracking.register_servable_model)
+    monkeypatch.setattr(resnet50_tb_full, "register_servable_model", model_registry.register_servable_model)
     last = registered_run["root"] / "ckpt" / "last.pth"
     resnet50_tb_full.main(["--resume", str(last)])
     console = capsys.readouterr()
@@ -264,8 +264,8 @@ def test_resuming_the_finished_run_registers_no_second_version(registered_run, m
 
 def test_requirements_pin_what_is_installed_and_leave_out_what_is_not():
     # A distribution installed under another name (conda's opencv) once crashed the end of a finished run.
-    assert tracking.installed_pin("numpy") == f"numpy=={np.__version__}"
-    assert tracking.installed_pin("opencv-python-from-elsewhere") == ""
+    assert model_registry.installed_pin("numpy") == f"numpy=={np.__version__}"
+    assert model_registry.installed_pin("opencv-python-from-elsewhere") == ""
 
 
 def post(port: int, images: list[str] | None = None, body: dict | None = None) -> requests.Response:

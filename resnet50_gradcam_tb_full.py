@@ -268,6 +268,7 @@ def render_maps(config: GradCamConfig, subjects: list[Subject], explained: list[
             "correct": "" if e.true_label == UNLABELLED else not e.wrong, "cam_target": CLASS_NAMES[e.target],
             "road_score": round(e.road, 6), "file": path.name,
             "lung_share": None if e.lung_share is None else round(e.lung_share, 4), "lung_fields": e.lung_fields,
+            "lung_area": None if e.lung_area is None else round(e.lung_area, 4),
         })  # fmt: skip
     counters = {}
     labels = tuple(s.profile.gradcam_label for s in subjects)

@@ -12,11 +12,11 @@ import numpy as np
 
 from .checkpoint import Checkpoint, read_json, write_json
 from .config import FULL_TRAINING, SUMMARY_NAME
-from .data import discover_dataset
 from .evaluation import REPORT_METRICS, Scoring, format_interval, score_checkpoint
 from .figures import comparison_roc_figure, gradcam_row
+from .layout import discover_dataset
 from .metrics import THRESHOLD_FREE_METRICS, bootstrap_indices, format_p_value
-from .split import held_out_samples, refuse_trained_on
+from .split import held_out_samples, leave_out_site_sample, refuse_trained_on
 from .tracking import log_evaluation_run, resolve_tracking_uri
 
 
@@ -85,7 +85,7 @@ def comparison_rows(results: list[dict], facts: list[dict]) -> list[tuple[str, l
                     [
                         f"{format_interval(e['metrics']['sensitivity'])} / "
                         f"{format_interval(e['metrics']['specificity'])}"
-                        f" (log-odds t={e['threshold']:.4g})"
+                        f" (log-odds t={e['threshold_log_odds']:.4g})"
                         for e in entries
                     ],
                 )
@@ -112,6 +112,8 @@ def compare_checkpoints(
     data = discover_dataset(data_dir) if data_dir else None  # None: the split manifest's test side
     samples, source = held_out_samples(paths[0], data, scoring.num_workers or 2, checkpoint=checkpoints[0])
     refuse_trained_on(samples, paths[1], scoring.num_workers or 2, checkpoint=checkpoints[1])
+    # held_out_samples left out A's site sample; B's, if B is a site checkpoint, goes too: both score alike.
+    samples = leave_out_site_sample(samples, checkpoints[1], scoring.num_workers or 2, source)
     labels_of = [c.profile.gradcam_label for c in checkpoints]
     names = [f"{label} ({path.name})" for label, path in zip(labels_of, paths)]
     print(f"Comparing {names[0]} and {names[1]} on {len(samples)} images: {source}")

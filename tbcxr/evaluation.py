@@ -90,7 +90,7 @@ def evaluation_report(labels, scores, thresholds: dict[str, float], resamples: i
         point = classification_metrics(labels, scores, threshold)
         called = (scores >= threshold).astype(int)
         report["thresholds"][name] = {
-            "threshold": threshold,  # log-odds
+            "threshold_log_odds": threshold,
             "threshold_p_tb": float(probability_of(threshold)),
             "metrics": with_intervals(point, draws[name], proportion_counts(labels, called)),
             "confusion_matrix": confusion_matrix(labels, called, labels=[0, 1]).tolist(),
@@ -130,7 +130,7 @@ def print_report(report: dict) -> None:
     names = list(report["thresholds"])
     for n in names:
         entry = report["thresholds"][n]
-        print(f"{THRESHOLD_NAMES.get(n, n)}: TB when {format_threshold(entry['threshold'])} is reached")
+        print(f"{THRESHOLD_NAMES.get(n, n)}: TB when {format_threshold(entry['threshold_log_odds'])} is reached")
     print(f"{'metric (95% CI)':<20}" + "".join(f"{THRESHOLD_NAMES.get(n, n):<28}" for n in names))
     for metric in REPORT_METRICS:
         print(
@@ -154,7 +154,9 @@ def report_metrics(report: dict) -> dict[str, float]:
     """The report as flat MLflow metrics; undefined (NaN) values and bounds are left out, never logged as 0."""
     flat = {}
     for name, entry in report["thresholds"].items():
-        flat[f"{name}_threshold"] = entry["threshold"]  # every number beside the threshold that produced it
+        flat[f"{name}_threshold_log_odds"] = entry[
+            "threshold_log_odds"
+        ]  # every number beside the threshold that produced it
         flat[f"{name}_threshold_p_tb"] = entry["threshold_p_tb"]
         for metric, value in entry["metrics"].items():
             flat |= {

@@ -115,6 +115,7 @@ class Explanation:
     chosen_on: str = ""  # the images the threshold was chosen on, e.g. "validation (20 Normal and 20 Tuberculosis)"
     lung_share: float | None = None  # share of the map's mass inside the lungs (lung_share.py); None: n/a
     lung_fields: str = ""  # how the lungs behind lung_share were found; "": not measured
+    lung_area: float | None = None  # the lungs' share of the map's grid: an even map's lung share
 
     @property
     def wrong(self) -> bool:

@@ -74,7 +74,7 @@ def save_evaluation_figures(labels, scores, report: dict, prefix: Path, title: s
             1 - metrics["specificity"]["value"],
             metrics["sensitivity"]["value"],
             zorder=3,
-            label=f"{THRESHOLD_NAMES.get(name, name)} (log-odds {entry['threshold']:.3f})",
+            label=f"{THRESHOLD_NAMES.get(name, name)} (log-odds {entry['threshold_log_odds']:.3f})",
         )
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.legend(fontsize=8, loc="lower right")
@@ -88,13 +88,13 @@ def save_evaluation_figures(labels, scores, report: dict, prefix: Path, title: s
     for ax, (name, entry) in zip(axes[0], report["thresholds"].items()):
         ConfusionMatrixDisplay.from_predictions(
             labels,
-            (scores >= entry["threshold"]).astype(int),
+            (scores >= entry["threshold_log_odds"]).astype(int),
             labels=[0, 1],
             display_labels=CLASS_NAMES,
             ax=ax,
             colorbar=False,
         )
-        ax.set_title(f"{THRESHOLD_NAMES.get(name, name)} (log-odds {entry['threshold']:.3f})", fontsize=9)
+        ax.set_title(f"{THRESHOLD_NAMES.get(name, name)} (log-odds {entry['threshold_log_odds']:.3f})", fontsize=9)
     fig.suptitle(f"Confusion matrices: {title}")
     figures.append(fig)
     fig, ax = plt.subplots(figsize=(5, 4.5))
@@ -164,7 +164,7 @@ def site_threshold_figure(rows: list[dict], refitted: dict[str, float], path: Pa
     plt = pyplot()
     from .metrics import WHO_TRIAGE_MIN_SPECIFICITY, WHO_TRIAGE_SENSITIVITY
 
-    thresholds = [row["threshold"] for row in rows]
+    thresholds = [row["threshold_log_odds"] for row in rows]
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for metric, colour, target in (
         ("sensitivity", "tab:red", WHO_TRIAGE_SENSITIVITY),
@@ -177,7 +177,7 @@ def site_threshold_figure(rows: list[dict], refitted: dict[str, float], path: Pa
         ax.axhline(target, color=colour, linestyle="--", linewidth=0.9, label=f"WHO triage {metric} {target:.2f}")
     for (name, threshold), marker in zip(refitted.items(), ("o", "s", "D")):
         ax.axvline(threshold, color="0.3", linestyle=":", linewidth=0.9)
-        row = next(row for row in rows if row["threshold"] == threshold)
+        row = next(row for row in rows if row["threshold_log_odds"] == threshold)
         ax.scatter([threshold] * 2, [row["sensitivity"], row["specificity"]], color="black", marker=marker,
                    zorder=3, label=f"site {THRESHOLD_NAMES.get(name, name)} (log-odds {threshold:.3f})")  # fmt: skip
     ax.set_ylim(0, 1.02)

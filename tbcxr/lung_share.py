@@ -43,12 +43,15 @@ def on_grid(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return area[0, 0].numpy()
 
 
-def share_and_source(cam: np.ndarray, mask: np.ndarray) -> tuple[float | None, str]:
-    """The share of one map (None when there is none: no lung pixel, or a map zero everywhere) and its source."""
+def share_and_source(cam: np.ndarray, mask: np.ndarray) -> tuple[float | None, str, float | None]:
+    """The share of one map (None when there is none: no lung pixel, or a map zero everywhere), its source, and the
+    lungs' share of the map's grid: the share an even map would get, the level a map at chance reaches."""
     if not mask.any():
-        return None, NONE_FOUND
-    share = lung_share(cam, on_grid(mask, cam.shape))
-    return (None if np.isnan(share) else share), (PAIR if lung_box(mask) is not None else NO_PLAUSIBLE_PAIR)
+        return None, NONE_FOUND, None
+    lungs = on_grid(mask, cam.shape)
+    share = lung_share(cam, lungs)
+    source = PAIR if lung_box(mask) is not None else NO_PLAUSIBLE_PAIR
+    return (None if np.isnan(share) else share), source, float(lungs.mean())
 
 
 def with_lung_shares(model: LungModel, explained: Sequence[list], batch_size: int) -> list[list]:
@@ -62,19 +65,21 @@ def with_lung_shares(model: LungModel, explained: Sequence[list], batch_size: in
         masks = lung_mask(model, [np.asarray(load_xray(path)) for path in chunk])
         for out, explanations in zip(shared, explained):
             for e, mask in zip(explanations[start : start + batch_size], masks):
-                share, source = share_and_source(e.cam, mask)
-                out.append(replace(e, lung_share=share, lung_fields=source))
+                share, source, area = share_and_source(e.cam, mask)
+                out.append(replace(e, lung_share=share, lung_fields=source, lung_area=area))
     return shared
 
 
 def lung_share_summary(explanations: list) -> dict:
     """The mean share over the maps that have one, how many those are, and how many have none or no plausible
     pair of lungs (those still count, over the model's mask)."""
-    shares = [e.lung_share for e in explanations if e.lung_share is not None]
+    measured = [e for e in explanations if e.lung_share is not None]
     return {
-        "mean": float(np.mean(shares)) if shares else None,
-        "maps": len(shares),
-        "maps_without_share": len(explanations) - len(shares),
+        "mean": float(np.mean([e.lung_share for e in measured])) if measured else None,
+        # what an even map would score on the same pictures: a mean share near it says the maps ignore the lungs
+        "even_map_mean": float(np.mean([e.lung_area for e in measured])) if measured else None,
+        "maps": len(measured),
+        "maps_without_share": len(explanations) - len(measured),
         "maps_without_plausible_pair": sum(e.lung_fields == NO_PLAUSIBLE_PAIR for e in explanations),
         "source": "shipped lung-field model on each full picture as decoded; share = sum(map x lungs) / sum(map)",
     }
@@ -93,8 +98,9 @@ def lung_share_line(summary: dict) -> str:
         return f"Lung share of map mass: n/a ({summary['maps_without_share']} maps without one)"
     return (
         f"Lung share of map mass (lung model on each full picture): mean {summary['mean']:.3f} over "
-        f"{summary['maps']} maps ({summary['maps_without_plausible_pair']} without a plausible pair of lungs, "
-        f"{summary['maps_without_share']} n/a)"
+        f"{summary['maps']} maps, against {summary['even_map_mean']:.3f} for an even map (the lungs' share of those "
+        f"pictures); {summary['maps_without_plausible_pair']} without a plausible pair of lungs, "
+        f"{summary['maps_without_share']} n/a"
     )
 
 
@@ -102,4 +108,8 @@ def lung_share_metrics(summary: dict) -> dict[str, float]:
     """The summary as MLflow metrics of the training run (none when no map has a share)."""
     if summary["mean"] is None:
         return {}
-    return {"gradcam_lung_share_mean": summary["mean"], "gradcam_lung_share_maps": summary["maps"]}
+    return {
+        "gradcam_lung_share_mean": summary["mean"],
+        "gradcam_lung_share_even_map": summary["even_map_mean"],
+        "gradcam_lung_share_maps": summary["maps"],
+    }

@@ -41,14 +41,15 @@ from .runtime import ieee_float32, on_device
 OK = "ok"
 UNREADABLE = "unreadable"
 # The decision is log_odds >= threshold_log_odds, both written in full (repr) digits so that no row contradicts
-# its decision; p_tb and threshold are the same numbers as P(TB) (float64 P(TB) is 1.0 past log-odds ~37).
+# its decision; p_tb and threshold_p_tb are the same numbers as P(TB), which can tie where the log-odds differ
+# (float64 P(TB) has fewer distinct values near 1; it is 1.0 past log-odds ~37).
 PREDICTION_COLUMNS = (
     "path",
     "status",
     "p_tb",
     "log_odds",
     "decision",
-    "threshold",
+    "threshold_p_tb",
     "threshold_log_odds",
     "operating_point",
     "checkpoint",

@@ -7,7 +7,7 @@ without extension or preamble; line breaks in the base64 are allowed). Each imag
 predict.image_tensor with its screening rule, the preprocessing batch prediction and --test-only use, so a
 served image gets the P(TB) the prediction CSV gives it. The answer per row, in request order: status ("ok",
 or "unreadable: <reason>" as in the prediction CSV, with no P(TB) or decision), p_tb and log_odds (with the
-checkpoint's calibration), decision, threshold and threshold_log_odds at the checkpoint's recommended operating
+checkpoint's calibration), decision, threshold_p_tb and threshold_log_odds at the checkpoint's recommended operating
 point (log_odds >= threshold_log_odds decides: near P(TB) = 1 two probabilities can print alike where the
 log-odds differ), its name, and model_version, the checkpoint file's digest (the prediction CSV's `checkpoint`).
 
@@ -42,7 +42,7 @@ from tbcxr.runtime import resolve_device, set_exact_float32
 CHECKPOINT_ARTIFACT = "checkpoint"
 IMAGE_COLUMN = "image"
 OUTPUT_COLUMNS = (
-    "status", "p_tb", "log_odds", "decision", "threshold", "threshold_log_odds", "operating_point", "model_version"
+    "status", "p_tb", "log_odds", "decision", "threshold_p_tb", "threshold_log_odds", "operating_point", "model_version"
 )  # fmt: skip
 CHUNK = 16  # images decoded and scored at once: a request never holds more than this many tensors
 # Batch prediction of a 224 px model ran at 4.24 images/s on a 2-core CPU (docs/performance.md): 128 images
@@ -57,7 +57,7 @@ SIGNATURE = ModelSignature(
             ColSpec("double", "p_tb", required=False),
             ColSpec("double", "log_odds", required=False),
             ColSpec("string", "decision", required=False),
-            ColSpec("double", "threshold"),
+            ColSpec("double", "threshold_p_tb"),
             ColSpec("double", "threshold_log_odds"),
             ColSpec("string", "operating_point"),
             ColSpec("string", "model_version"),

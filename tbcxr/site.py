@@ -38,7 +38,7 @@ MINIMUM_PER_CLASS = 20  # below this, a 95% interval on sensitivity spans more t
 GRID = np.round(np.arange(1, 20) * 0.05, 2)  # P(TB) 0.05, 0.10, ..., 0.95 (as log-odds in the table)
 REFITTED = ("youden", "who_triage")  # the operating points fitted on the site sample ("default" is always 0.5)
 COLUMNS = (
-    "threshold",
+    "threshold_log_odds",
     "threshold_p_tb",
     "source",
     "tp",
@@ -127,7 +127,7 @@ def threshold_row(labels: np.ndarray, scores: np.ndarray, threshold: float, prev
     ppv_sample, npv_sample = predictive_values(sensitivity, specificity, (tp + fn) / len(labels))
     ppv, npv = predictive_values(sensitivity, specificity, prevalence)
     return {
-        "threshold": threshold,
+        "threshold_log_odds": threshold,
         "threshold_p_tb": float(probability_of(threshold)),
         "tp": tp,
         "fn": fn,
@@ -196,7 +196,7 @@ def write_site_tables(rows: list[dict], prefix: Path, *, prevalence: float, chec
     ]
     for row in rows:
         cells = [
-            f"{row['threshold']:.4f} ({row['threshold_p_tb']:.4g})",
+            f"{row['threshold_log_odds']:.4f} ({row['threshold_p_tb']:.4g})",
             ", ".join(readable_source(s) for s in row["source"].split(", ")),
             *(str(row[k]) for k in ("tp", "fn", "tn", "fp")),
             *(with_bounds(row, k) for k in ("sensitivity", "specificity")),
@@ -264,7 +264,7 @@ def fit_site_thresholds(
     labels, scores = np.asarray(labels), np.asarray(scores)
     rows = site_threshold_table(labels, scores, prevalence, checkpoint.state.thresholds)
     refitted = refitted_rows(rows)
-    points = {name: row["threshold"] for name, row in refitted.items()}
+    points = {name: row["threshold_log_odds"] for name, row in refitted.items()}
     files = write_site_tables(rows, prefix, prevalence=prevalence, checkpoint=checkpoint_path)
     figure = Path(f"{prefix}_site_thresholds.png")
     files.append(site_threshold_figure(rows, points, figure, f"{sample['name']}, {len(labels)} images"))
@@ -283,7 +283,7 @@ def fit_site_thresholds(
     )
     for name, row in refitted.items():
         print(
-            f"  site {THRESHOLD_NAMES[name]:<11} {format_threshold(row['threshold'])}: sensitivity "
+            f"  site {THRESHOLD_NAMES[name]:<11} {format_threshold(row['threshold_log_odds'])}: sensitivity "
             f"{with_bounds(row, 'sensitivity')}, specificity {with_bounds(row, 'specificity')}; at prevalence "
             f"{prevalence:.1%}: PPV {with_bounds(row, 'ppv_at_prevalence')}, NPV "
             f"{with_bounds(row, 'npv_at_prevalence')}, {row['referrals_per_1000']:.0f} referrals per 1,000; "

@@ -218,6 +218,10 @@ def leave_out_site_sample(samples, checkpoint: Checkpoint, workers: int, what: s
     as recorded in the checkpoint); the console says how many. Stops when nothing is left. A checkpoint
     without a site sample returns the samples as they are."""
     recorded = set((checkpoint.site or {}).get("pixel_sha1", ()))
+    if checkpoint.site and not recorded:
+        print(f"WARNING: this site checkpoint does not record its sample {checkpoint.site.get('name', '?')} by "
+              f"content (written by an older version): images of it in {what} cannot be recognised and are "
+              "scored as if held out", file=sys.stderr)  # fmt: skip
     if not recorded:
         return samples
     hashes = pixel_hashes([path for path, _ in samples], workers)

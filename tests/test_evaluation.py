@@ -88,7 +88,7 @@ def test_thresholds_chosen_on_validation_are_stored_and_applied(trained_run, cap
     loads = count_checkpoint_loads(monkeypatch)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     report = trainer.main(["--test-only", "--resume", str(trained_run["best"]), "--bootstrap-resamples", "50"])
-    assert {name: entry["threshold"] for name, entry in report["thresholds"].items()} == stored
+    assert {name: entry["threshold_log_odds"] for name, entry in report["thresholds"].items()} == stored
     assert loads == [trained_run["best"]]  # the split check uses the checkpoint already in memory
     # No --tracking-uri: the evaluation run goes to the training run's store, named for the manifest's test side.
     client = MlflowClient(trained_run["uri"])
@@ -175,7 +175,7 @@ def test_external_flat_folder_is_used_whole_with_figures_and_mlflow_run(trained_
     matrices = drawn[f"{prefix}_confusion.png"].axes
     assert len(matrices) == len(report["thresholds"])
     for ax, entry in zip(matrices, report["thresholds"].values()):
-        counts = confusion_matrix(labels, probs >= entry["threshold"], labels=[0, 1]).ravel()
+        counts = confusion_matrix(labels, probs >= entry["threshold_log_odds"], labels=[0, 1]).ravel()
         assert [t.get_text() for t in ax.texts] == [str(n) for n in counts]
     reliability = drawn[f"{prefix}_reliability.png"].axes[0]
     (curve,) = [line for line in reliability.lines if line.get_label() == "ResNet50"]
@@ -188,7 +188,7 @@ def test_external_flat_folder_is_used_whole_with_figures_and_mlflow_run(trained_
     assert len(runs) == 1 and runs[0].data.tags["training_run_id"] == report["training_run_id"]
     assert "default_auc_ci_low" in runs[0].data.metrics
     for name, entry in report["thresholds"].items():  # each operating point's metrics beside its threshold
-        assert runs[0].data.metrics[f"{name}_threshold"] == pytest.approx(entry["threshold"])
+        assert runs[0].data.metrics[f"{name}_threshold_log_odds"] == pytest.approx(entry["threshold_log_odds"])
 
 
 def test_comparing_a_checkpoint_with_itself(trained_run, tmp_path, monkeypatch):

@@ -42,14 +42,18 @@ def test_picture_mask_is_averaged_onto_the_map_grid():
 
 def test_share_source_without_lungs_or_without_a_plausible_pair():
     cam = np.ones((4, 4))
-    assert share_and_source(cam, np.zeros((40, 40), dtype=bool)) == (None, NONE_FOUND)
+    assert share_and_source(cam, np.zeros((40, 40), dtype=bool)) == (None, NONE_FOUND, None)
     one_lung = np.zeros((40, 40), dtype=bool)
     one_lung[5:35, 5:15] = True
-    share, source = share_and_source(cam, one_lung)
+    share, source, area = share_and_source(cam, one_lung)
     assert (share, source) == (pytest.approx(0.1875), NO_PLAUSIBLE_PAIR)  # still measured, over the model's mask
+    assert area == pytest.approx(0.1875)  # an even map's share is the lungs' share of the grid
     two_lungs = one_lung | np.fliplr(one_lung)
-    assert share_and_source(cam, two_lungs) == (pytest.approx(0.375), PAIR)
-    assert share_and_source(np.zeros((4, 4)), two_lungs) == (None, PAIR)
+    assert share_and_source(cam, two_lungs) == (pytest.approx(0.375), PAIR, pytest.approx(0.375))
+    peaked = np.zeros((4, 4))
+    peaked[1:3, 0] = 1.0  # all mass on two cells each half lung: above an even map's level
+    assert share_and_source(peaked, two_lungs)[::2] == (pytest.approx(0.5), pytest.approx(0.375))
+    assert share_and_source(np.zeros((4, 4)), two_lungs) == (None, PAIR, pytest.approx(0.375))
     assert lung_share_text(None, NONE_FOUND) == "Lung share n/a (no lungs found)"
     assert lung_share_text(None, PAIR) == "Lung share n/a (map all zero)"
     assert lung_share_text(0.375, NO_PLAUSIBLE_PAIR) == "Lung share 38% (no plausible pair of lungs)"
@@ -91,7 +95,12 @@ def test_real_xrays_get_a_lung_share_in_index_captions_summary_and_mlflow(tmp_pa
     summary = index["lung_share"]
     assert summary["mean"] == pytest.approx(np.mean(shares), abs=1e-4) and summary["maps"] == 2
     assert result["lung_share"] == summary
-    assert f"mean {np.mean(shares):.3f} over 2 maps" in capsys.readouterr().out
+    areas = [float(row["lung_area"]) for row in rows]
+    assert summary["even_map_mean"] == pytest.approx(np.mean(areas), abs=1e-4) and 0 < summary["even_map_mean"] < 1
+    assert f"mean {np.mean(shares):.3f} over 2 maps, against {summary['even_map_mean']:.3f} for an even map" in (
+        capsys.readouterr().out
+    )
     metrics = client.get_run(run.info.run_id).data.metrics
     assert metrics["gradcam_lung_share_mean"] == pytest.approx(summary["mean"])
     assert metrics["gradcam_lung_share_maps"] == 2
+    assert metrics["gradcam_lung_share_even_map"] == pytest.approx(summary["even_map_mean"])

@@ -113,7 +113,7 @@ def test_every_file_gets_a_row_with_its_status_and_p_tb_equals_test_only(trained
     assert {(float(r["threshold_log_odds"]), r["operating_point"], r["checkpoint"]) for r in rows.values()} == {
         (threshold, checkpoint.recommended_operating_point, digest)  # every digit: repr round-trips
     }
-    assert {float(r["threshold"]) for r in rows.values()} == {1 / (1 + math.exp(-threshold))}
+    assert {float(r["threshold_p_tb"]) for r in rows.values()} == {1 / (1 + math.exp(-threshold))}
     called = sum(r["decision"] == "Tuberculosis" for r in rows.values())
     assert (
         f"Predicted {len(rows)} files: {len(images)} ok, {len(JUNK)} unreadable, {called} called Tuberculosis at "

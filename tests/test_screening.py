@@ -60,7 +60,7 @@ def test_every_scoring_path_leaves_out_the_same_files_for_the_same_reason(traine
                            "20"])  # fmt: skip
     assert {named[entry["path"]]: entry["reason"] for entry in report["left_out"]} == EXPECTED
     assert report["n_images"] == len(files) - len(EXPECTED)
-    scored = Path(best).parent / "eval_screening_sample_predictions.csv"
+    (scored,) = Path(best).parent.glob(f"eval_{Path(best).stem}_screening_sample_*_predictions.csv")
     with open(scored, newline="") as f:
         assert {named[row["path"]] for row in csv.DictReader(f)} == set(rows) - set(EXPECTED)
 

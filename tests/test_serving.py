@@ -115,7 +115,7 @@ def assert_answers(answer: pd.DataFrame, checkpoint_path: Path, files: list[Path
         answer["p_tb"].astype(float), predictor_probabilities(checkpoint_path, files), rtol=0, atol=1e-5
     )
     assert list(answer["decision"]) == ["Tuberculosis" if p >= threshold else "Normal" for p in answer["p_tb"]]
-    assert list(answer["threshold"]) == pytest.approx([threshold] * len(files), rel=1e-15)
+    assert list(answer["threshold_p_tb"]) == pytest.approx([threshold] * len(files), rel=1e-15)
     assert list(answer["operating_point"]) == [checkpoint.recommended_operating_point] * len(files)
     assert list(answer["model_version"]) == [checkpoint_digest(checkpoint_path)] * len(files)
 
@@ -157,9 +157,12 @@ def test_an_unusable_row_gets_its_reason_and_every_other_row_its_answer(classifi
     bad = odd_uploads(tmp_path).get(bad, bad)
     answer = classifier.predict(None, pd.DataFrame({"image": [encoded(files[0]), bad, encoded(files[1])]}))
     assert_answers(answer.iloc[[0, 2]], registered_run["best"], files)
-    status, p_tb, decision, threshold, *_ = answer.iloc[1]
-    assert status.startswith("unreadable: ") and reason in status
-    assert (p_tb, decision) == (None, None) and threshold == Checkpoint.load(registered_run["best"]).operating_threshold
+    row = answer.iloc[1]
+    assert row["status"].startswith("unreadable: ") and reason in row["status"]
+    assert (row["p_tb"], row["log_odds"], row["decision"]) == (None, None, None)
+    threshold = Checkpoint.load(registered_run["best"]).operating_threshold  # log-odds
+    assert row["threshold_log_odds"] == threshold
+    assert row["threshold_p_tb"] == pytest.approx(1 / (1 + math.exp(-threshold)), rel=1e-15)
 
 
 def test_a_request_without_an_image_column_or_over_the_limit_is_a_400_naming_it(classifier, tmp_path):
@@ -180,14 +183,14 @@ def test_a_request_is_decoded_and_scored_one_chunk_at_a_time(classifier, tmp_pat
     good = encoded(write_xrays(tmp_path / "png", 1, tuberculosis=False)[0])
     decoded, scored, held = [], [], []
     monkeypatch.setattr(serving, "image_tensor", lambda *args, **kw: decoded.append(1) or image_tensor(*args, **kw))
-    probabilities = classifier.predictor.probabilities
+    log_odds = classifier.predictor.log_odds
 
     def scoring(batch):
         held.append(len(decoded) - len(scored))  # decoded and not yet scored when this batch is scored
         scored.extend([1] * len(batch))
-        return probabilities(batch)
+        return log_odds(batch)
 
-    monkeypatch.setattr(classifier.predictor, "probabilities", scoring)
+    monkeypatch.setattr(classifier.predictor, "log_odds", scoring)
     count = 2 * CHUNK + 3
     assert len(classifier.predict(None, pd.DataFrame({"image": [good] * count}))) == count
     assert held == [CHUNK, CHUNK, 3]

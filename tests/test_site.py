@@ -44,7 +44,7 @@ def p_of(log_odds: float) -> float:
 
 def hand_table(prevalence: float = 0.05) -> dict[float, dict]:
     rows = site.site_threshold_table(HAND_LABELS, HAND_SCORES, prevalence, STORED)
-    return {p_of(row["threshold"]): row for row in rows}
+    return {p_of(row["threshold_log_odds"]): row for row in rows}
 
 
 def test_a_threshold_row_holds_the_hand_computed_counts_rates_and_predictive_values():
@@ -77,7 +77,7 @@ def test_candidates_are_the_grid_the_refitted_and_the_stored_points_sorted_once_
     assert table[0.2]["source"] == "grid, checkpoint who_triage"
     assert set(thresholds) == set(grid) | {p_of(YOUDEN), p_of(WHO), 0.42}
     refitted = site.refitted_rows(list(table.values()))
-    assert {name: row["threshold"] for name, row in refitted.items()} == pytest.approx(
+    assert {name: row["threshold_log_odds"] for name, row in refitted.items()} == pytest.approx(
         {"youden": YOUDEN, "who_triage": WHO}
     )
 
@@ -109,7 +109,7 @@ def test_who_triage_is_marked_exactly_where_both_lower_bounds_reach_the_targets(
     assert table[0.35]["sensitivity"] == 1.0 and table[0.35]["specificity"] == 0.8
     # 40 TB all called (lower bound 40 / (40 + z^2) = 0.912) and 36 of 40 Normal cleared (lower bound 0.769).
     labels, scores = np.repeat([1, 0], 40), np.r_[[2.0] * 40, [-2.0] * 36, [2.0] * 4]
-    rows = {row["threshold"]: row for row in site.site_threshold_table(labels, scores, 0.05, {})}
+    rows = {row["threshold_log_odds"]: row for row in site.site_threshold_table(labels, scores, 0.05, {})}
     met = {t for t, row in rows.items() if row["meets_who_triage"]}
     assert met == {t for t in rows if -2.0 < t <= 2.0}
     for row in [*table.values(), *rows.values()]:
@@ -136,7 +136,7 @@ def test_tables_and_plot_say_what_they_show(tmp_path):
     csv_path, md_path = site.write_site_tables(rows, tmp_path / "eval_x", prevalence=0.02, checkpoint=Path("a/b.pth"))
     with open(csv_path, newline="") as f:
         written = list(csv.DictReader(f))
-    assert [float(r["threshold"]) for r in written] == [r["threshold"] for r in rows]
+    assert [float(r["threshold_log_odds"]) for r in written] == [r["threshold_log_odds"] for r in rows]
     assert [int(r["tp"]) for r in written] == [r["tp"] for r in rows]
     markdown = md_path.read_text()
     assert "40 images (20 Tuberculosis, 20 Normal): sample prevalence 50.0%" in markdown
@@ -152,7 +152,7 @@ def test_tables_and_plot_say_what_they_show(tmp_path):
     assert_both_curves_and_bands(
         site_threshold_figure(
             rows,
-            {name: row["threshold"] for name, row in site.refitted_rows(rows).items()},
+            {name: row["threshold_log_odds"] for name, row in site.refitted_rows(rows).items()},
             tmp_path / "site.png",
             "hand",
         )
@@ -231,7 +231,7 @@ def test_site_thresholds_write_the_table_plot_and_a_refitted_checkpoint_leaving_
     assert refitted.state.thresholds == pytest.approx(expected)
     for name in ("youden", "who_triage"):
         (row,) = [r for r in rows if f"site {name}" in r["source"]]
-        assert float(row["threshold"]) == refitted.state.thresholds[name]
+        assert float(row["threshold_log_odds"]) == refitted.state.thresholds[name]
         assert refitted.state.thresholds[name] != original.state.thresholds[name]  # the sample moved them
     assert refitted.operating_threshold == refitted.state.thresholds["youden"]  # prediction uses the site's point
     assert refitted.state.calibration == original.state.calibration
@@ -300,7 +300,7 @@ def split_hashes(samples) -> list[str]:
 
 
 def test_a_site_checkpoint_is_never_tested_on_its_own_sample_nor_overwritten_by_a_namesake(
-    checkpoint_copy, trained_run, tmp_path, capsys
+    checkpoint_copy, trained_run, tmp_path, capsys, monkeypatch
 ):
     fit = [
         "--site-thresholds",
@@ -349,3 +349,10 @@ def test_a_site_checkpoint_is_never_tested_on_its_own_sample_nor_overwritten_by_
         predicted = sorted(row["path"] for row in csv.DictReader(f))
     assert predicted == sorted(f"{label}/new_img_00{i}.png" for label in ("Normal", "Tuberculosis") for i in range(3))
     assert "Left out 40 of 46 images of --images" in capsys.readouterr().out
+    # --compare with the site checkpoint as B: its sample is left out for both models, as by --test-only.
+    monkeypatch.chdir(tmp_path)  # the comparison report goes to ./reports
+    flags = ["--data-dir", str(sample), "--num-workers", "0", "--bootstrap-resamples", "20"]
+    compared = trainer.main(
+        ["--compare", str(checkpoint_copy), str(site_path), *flags, "--tracking-uri", trained_run["uri"]]
+    )
+    assert [report["n_images"] for report in compared["reports"]] == [6, 6]

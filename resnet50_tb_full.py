@@ -334,8 +334,10 @@ def finish(run: Run, test_loader, test_images: int) -> dict:
         torch.distributed.destroy_process_group()
     if not run.dist.is_main:
         return {}
-    if run.config.temperature_scaling:
-        calibration = best.state.calibration
+    if run.config.temperature_scaling and (calibration := best.state.calibration) == Calibration():
+        print("P(TB) not calibrated: validation ranked the classes the wrong way round, so Platt scaling kept the "
+              "network's own softmax (metrics.fit_calibration)")  # fmt: skip
+    elif run.config.temperature_scaling:
         print(f"P(TB) calibrated on validation by Platt scaling: sigmoid({calibration.scale:.4f} x (logit_TB - "
               f"logit_Normal) {calibration.bias:+.4f})")  # fmt: skip
     print(format_results("Test", test_results))

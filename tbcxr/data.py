@@ -40,6 +40,16 @@ class Clahe:
         return Image.fromarray(equalise(np.asarray(image.convert("L")), self.clip_limit, self.tile_grid), mode="L")
 
 
+class ToUnitFloat:
+    """A uint8 image tensor as float32 in [0, 1], computed as x / 255: the batched path's conversion and the one
+    the recorded evidence was trained with (torchvision's ToTensor). v2.ToDtype(scale=True) multiplies by 1 / 255
+    instead, which rounds some pixels one bit apart, enough to send a from-scratch run elsewhere
+    (docs/evaluation-evidence.md#reproducing-a-run) and to make --test-only differ from training's scores."""
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return image.float().div(255)
+
+
 class IntensityJitter:
     """--intensity-augment on one greyscale (C, H, W) tensor in [0, 1] with equal channels: the batched device
     version, drawn from torch's global generator (which XrayDataset seeds per sample)."""
@@ -66,7 +76,7 @@ def train_transform(
         v2.ColorJitter(brightness=a["brightness"], contrast=a["contrast"]),
         v2.Grayscale(num_output_channels=3),
         v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
+        ToUnitFloat(),
         *([IntensityJitter()] if intensity else []),
         v2.Normalize(mean, std),
     ])  # fmt: skip
@@ -79,7 +89,7 @@ def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, clahe: dict 
         *([Clahe(**clahe)] if clahe else []),
         v2.Grayscale(num_output_channels=3),
         v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
+        ToUnitFloat(),
         v2.Normalize(mean, std),
     ])  # fmt: skip
 

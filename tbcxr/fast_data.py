@@ -163,10 +163,9 @@ class DeviceBatches:
         return len(self.batches)
 
     def __iter__(self):
-        # Made once, not per batch: v2.functional.normalize builds them from tuples on every call. The
-        # arithmetic below (x / 255, then (x - mean) / std) is the one the recorded evidence was trained with:
-        # the per-image path's ToDtype multiplies by 1 / 255 instead, and that 1e-6 difference alone moved
-        # one 8-epoch run's test AUC from 0.54 to 0.90 (docs/evaluation-evidence.md#reproducing-a-run).
+        # Made once, not per batch: v2.functional.normalize builds them from tuples on every call. x / 255, then
+        # (x - mean) / std, bit for bit as the per-image path (data.ToUnitFloat, v2.Normalize) and as the recorded
+        # evidence was trained: x * (1 / 255) alone moved one 8-epoch run's test AUC from 0.54 to 0.90.
         mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         for images, labels, seed in self.batches:

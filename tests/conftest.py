@@ -131,11 +131,11 @@ def real_log_model(request, monkeypatch):
     """Tests marked real_log_model get the trainer's real MLflow model logging."""
     if request.node.get_closest_marker("real_log_model"):
         import resnet50_tb_full
-        from tbcxr import tracking
+        from tbcxr import model_registry
 
         for name in MODEL_LOGGING:
             if hasattr(resnet50_tb_full, name):
-                monkeypatch.setattr(resnet50_tb_full, name, getattr(tracking, name))
+                monkeypatch.setattr(resnet50_tb_full, name, getattr(model_registry, name))
 
 
 def shared_data(name: str) -> Path:
@@ -272,7 +272,8 @@ def stopped_early_run(tmp_path_factory):
 
 
 def rescored_test_accuracy(checkpoint_dir: Path) -> float:
-    """The best checkpoint's accuracy at 0.5 on its split manifest's test side, scored again from the files."""
+    """The best checkpoint's accuracy at P(TB) 0.5 (log-odds 0) on its split manifest's test side, scored again
+    from the files."""
     import torch
 
     from tbcxr.checkpoint import Checkpoint, read_json
@@ -281,8 +282,8 @@ def rescored_test_accuracy(checkpoint_dir: Path) -> float:
 
     samples = manifest_samples(read_json(checkpoint_dir / "split_manifest.json"), "test")
     best = Checkpoint.load(checkpoint_dir / "best_resnet50_tb_full_trained.pth")
-    labels, probs = predict_checkpoint(best, samples, torch.device("cpu"), 16, 0)
-    return float(np.mean((probs >= 0.5) == labels))
+    labels, log_odds = predict_checkpoint(best, samples, torch.device("cpu"), 16, 0)
+    return float(np.mean((log_odds >= 0.0) == labels))
 
 
 def logits_by_hand(checkpoint_path: Path, images: list):

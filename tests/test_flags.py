@@ -312,7 +312,7 @@ def test_gradcam_batch_size_and_seed_change_the_batches_and_the_road_noise_only(
     assert "gradcam: 2 batches" in out and "gradcam: 1 batches" in predicted[1]
     assert result["config"]["seed"] == 1 and result["config"]["batch_size"] == 1
     for row, seed_0 in zip(result["images"], predicted[0]["images"], strict=True):
-        for key in ("image", "predicted_label", "cam_target", "threshold"):
+        for key in ("image", "predicted_label", "cam_target", "threshold_log_odds"):
             assert row[key] == seed_0[key], key
         assert row["probability_tuberculosis"] == pytest.approx(seed_0["probability_tuberculosis"], abs=2e-6)
         assert row["road_score"] != pytest.approx(seed_0["road_score"], abs=1e-6)  # other imputation noise
